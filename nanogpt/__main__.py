@@ -1,0 +1,3 @@
+from nanogpt.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,99 @@
+"""The checkpoint format: one file, out_dir/ckpt.pt, written atomically and read without running code.
+
+A checkpoint is a dict:
+    model           state_dict (never with torch.compile's `_orig_mod.` prefix)
+    model_args      GPTConfig fields
+    tokenizer       the tokenizer's meta (a char vocabulary included), so sampling needs no data folder
+    config          the training config it was made with
+    iter_num, best_val_loss
+    optimizer, scaler, rng, loader   (training state for exact resume)
+Everything in it is a tensor, number, string, list or dict: `torch.load(weights_only=True)` reads it.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nanogpt.errors import NanoGPTError
+from nanogpt.model import GPT, GPTConfig
+
+CKPT_NAME = "ckpt.pt"
+
+
+def checkpoint_path(path: str | Path) -> Path:
+    """An out_dir or a checkpoint file -> the checkpoint file."""
+    path = Path(path)
+    return path / CKPT_NAME if path.is_dir() else path
+
+
+def clean_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop the `_orig_mod.` prefix that a torch.compile'd module adds to every key."""
+    return {k.replace("_orig_mod.", ""): v for k, v in state_dict.items()}
+
+
+def save_checkpoint(ckpt: dict[str, Any], out_dir: str | Path) -> Path:
+    """Write ckpt to out_dir/ckpt.pt: to a temporary file, fsynced, then renamed over the old one, so a
+    crash or kill -9 at any moment leaves either the old or the new checkpoint, never a broken one."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / CKPT_NAME
+    fd, tmp = tempfile.mkstemp(prefix=f".{CKPT_NAME}.", suffix=".tmp", dir=out_dir)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(ckpt, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(out_dir, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint (an out_dir or the file itself) with weights_only=True: no code runs."""
+    file = checkpoint_path(path)
+    if not file.is_file():
+        raise NanoGPTError(f"no checkpoint at {file}: train one with `nanogpt train --out_dir={Path(path)}`")
+    try:
+        ckpt = torch.load(file, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError, OSError) as e:
+        raise NanoGPTError(f"checkpoint {file} is damaged or not a nanogpt checkpoint ({e})") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
+        raise NanoGPTError(f"{file} is not a nanogpt checkpoint (no 'model' / 'model_args')")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict[str, Any]) -> GPT:
+    model = GPT(GPTConfig(**ckpt["model_args"]))
+    model.load_state_dict(clean_state_dict(ckpt["model"]))
+    return model
+
+
+def load_model(source: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, Any]:
+    """A model and its tokenizer from a training out_dir / checkpoint file, a GPT-2 name or a local HF
+    GPT-2 folder (GPT-2 BPE tokenizer). The model is in eval mode on `device`."""
+    from nanogpt.data.tokenizers import get_tokenizer, tokenizer_from_meta
+    from nanogpt.hf import PRETRAINED
+
+    source_path = Path(source)
+    if str(source) in PRETRAINED or (source_path / "config.json").is_file():
+        model = GPT.from_pretrained(str(source))
+        tokenizer = get_tokenizer("gpt2")
+    else:
+        ckpt = load_checkpoint(source_path, map_location="cpu")
+        model = model_from_checkpoint(ckpt)
+        meta = ckpt.get("tokenizer")
+        tokenizer = tokenizer_from_meta(meta) if meta else get_tokenizer("gpt2")
+    return model.to(device).eval(), tokenizer

@@ -1,0 +1,151 @@
+"""Typed configs from dataclass defaults + a TOML file + `--key=value` overrides (nanoGPT's syntax, no exec).
+
+Every command (train, sample, eval, bench, experiment) describes its options as a dataclass and calls
+`parse_config`; the dataclass is the one source of truth for names, types and defaults.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+from nanogpt.errors import NanoGPTError
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+C = TypeVar("C")
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _accepts(tp: Any, value: Any) -> Any:
+    """Return `value` converted to type `tp`, or raise TypeError."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _accepts(arg, value)
+            except TypeError:
+                continue
+        raise TypeError
+    if tp is type(None):
+        if value is None:
+            return None
+        raise TypeError
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise TypeError
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():  # 1e3 on the command line means 1000
+            return int(value)
+        raise TypeError
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise TypeError
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise TypeError
+    if origin is typing.Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise TypeError
+    if origin in (list, tuple):
+        if isinstance(value, (list, tuple)):
+            return origin(value)
+        raise TypeError
+    return value
+
+
+def _parse_literal(text: str) -> Any:
+    """nanoGPT's rule: a Python literal if it parses as one (True, 3e-4, 'gpt2'), else the plain string."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def set_fields(cfg: C, values: dict[str, Any], where: str) -> C:
+    """Return a copy of dataclass `cfg` with `values` applied, type-checked, naming `where` they came from."""
+    types_ = _field_types(type(cfg))
+    changes = {}
+    for key, value in values.items():
+        if key not in types_:
+            close = difflib.get_close_matches(key, types_, n=3)
+            hint = f" Did you mean {', '.join(close)}?" if close else ""
+            raise NanoGPTError(f"unknown config key {key!r} ({where}).{hint}")
+        try:
+            changes[key] = _accepts(types_[key], value)
+        except TypeError:
+            raise NanoGPTError(
+                f"config key {key!r} ({where}) expects {_type_name(types_[key])}, got {value!r}"
+            ) from None
+    try:
+        return dataclasses.replace(cfg, **changes)
+    except ValueError as e:  # __post_init__ validation
+        raise NanoGPTError(str(e)) from None
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise NanoGPTError(f"config file {str(path)!r} not found")
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise NanoGPTError(f"config file {str(path)!r} is not valid TOML: {e}") from None
+
+
+def parse_overrides(argv: list[str]) -> tuple[list[str], dict[str, Any]]:
+    """Split argv into positionals and `--key=value` / `--key value` / `--flag` (= True) overrides."""
+    positionals, overrides = [], {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--") and len(arg) > 2:
+            key, eq, text = arg[2:].partition("=")
+            if not eq:
+                if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                    text = argv[i + 1]
+                    i += 1
+                else:
+                    text = "True"
+            overrides[key.replace("-", "_")] = _parse_literal(text)
+        else:
+            positionals.append(arg)
+        i += 1
+    return positionals, overrides
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def help_text(cls: type, title: str) -> str:
+    """One line per option: name, type, default (the dataclass is the documentation)."""
+    lines = [title, "", "options (--key=value):"]
+    types_ = _field_types(cls)
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        lines.append(f"  --{f.name}={default!r}  ({_type_name(types_[f.name])})")
+    return "\n".join(lines)

@@ -1,0 +1,123 @@
+"""Hugging Face interop: GPT-2 weights in (from the hub or a local folder) and out (a folder that
+`transformers.GPT2LMHeadModel.from_pretrained` loads). Needs the `hf` extra: transformers + safetensors."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from nanogpt.errors import NanoGPTError
+from nanogpt.model import GPT, GPTConfig
+
+PRETRAINED = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+# HF's GPT-2 uses Conv1D layers, whose weights are stored (in, out): these four are transposed
+TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# HF activation name -> nn.GELU(approximate=...)
+EOT = 50256  # GPT-2's <|endoftext|> id
+GELU_OF_HF = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise NanoGPTError(
+            "GPT-2 / Hugging Face interop needs transformers: pip install 'nanogpt[hf]'"
+        ) from None
+    return transformers
+
+
+def load_gpt2(name_or_path: str, override_args: dict | None = None) -> GPT:
+    """Our GPT with the weights of a HF GPT-2: a hub name (PRETRAINED, needs the network once) or a
+    local folder holding config.json + weights. Only dropout may be overridden."""
+    override_args = dict(override_args or {})
+    if set(override_args) - {"dropout"}:
+        raise NanoGPTError(
+            f"only 'dropout' can be overridden when loading GPT-2 weights, got {sorted(override_args)}: "
+            "the other sizes are fixed by the weights"
+        )
+    if name_or_path not in PRETRAINED and not Path(name_or_path).is_dir():
+        raise NanoGPTError(
+            f"{name_or_path!r} is neither a GPT-2 name ({', '.join(PRETRAINED)}) nor a local folder "
+            "with a Hugging Face GPT-2 (config.json + model.safetensors)"
+        )
+    transformers = _transformers()
+    print(f"loading weights from pretrained gpt: {name_or_path}")
+    hf_model = transformers.GPT2LMHeadModel.from_pretrained(name_or_path)
+    hf_cfg = hf_model.config
+    if hf_cfg.activation_function not in GELU_OF_HF:
+        raise NanoGPTError(
+            f"unsupported activation_function {hf_cfg.activation_function!r} in {name_or_path}"
+        )
+    config = GPTConfig(
+        block_size=hf_cfg.n_positions,
+        vocab_size=hf_cfg.vocab_size,
+        n_layer=hf_cfg.n_layer,
+        n_head=hf_cfg.n_head,
+        n_embd=hf_cfg.n_embd,
+        bias=True,
+        dropout=override_args.get("dropout", 0.0),
+        gelu_approximate=GELU_OF_HF[hf_cfg.activation_function],
+    )
+    model = GPT(config)
+    sd = model.state_dict()
+    sd_hf = {
+        k: v for k, v in hf_model.state_dict().items() if not k.endswith((".attn.bias", ".attn.masked_bias"))
+    }
+    if set(sd) != set(sd_hf):
+        raise NanoGPTError(
+            f"{name_or_path}: parameter names differ from GPT-2's: missing {sorted(set(sd) - set(sd_hf))[:5]}, "
+            f"unexpected {sorted(set(sd_hf) - set(sd))[:5]}"
+        )
+    with torch.no_grad():
+        for k, v in sd_hf.items():
+            sd[k].copy_(v.t() if k.endswith(TRANSPOSED) else v)
+    return model
+
+
+def export(model: GPT, directory: str | Path) -> Path:
+    """Write `model` as a HF GPT-2 folder (config.json + model.safetensors). A model without biases is
+    written with zero biases, which computes the same function."""
+    transformers = _transformers()
+    cfg = model.config
+    hf_cfg = transformers.GPT2Config(
+        vocab_size=cfg.vocab_size,
+        n_positions=cfg.block_size,
+        n_embd=cfg.n_embd,
+        n_layer=cfg.n_layer,
+        n_head=cfg.n_head,
+        activation_function="gelu_new" if cfg.gelu_approximate == "tanh" else "gelu",
+        resid_pdrop=cfg.dropout,
+        embd_pdrop=cfg.dropout,
+        attn_pdrop=cfg.dropout,
+        layer_norm_epsilon=1e-5,
+        tie_word_embeddings=True,
+        # GPT-2's <|endoftext|> where the vocabulary has it (a char model has none)
+        bos_token_id=EOT if cfg.vocab_size > EOT else None,
+        eos_token_id=EOT if cfg.vocab_size > EOT else None,
+    )
+    hf_model = transformers.GPT2LMHeadModel(hf_cfg)
+    ours = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+    hf_sd = hf_model.state_dict()
+    with torch.no_grad():
+        for k, v in hf_sd.items():
+            if k in ours:
+                v.copy_(ours[k].t() if k.endswith(TRANSPOSED) else ours[k])
+            elif k.endswith(".bias") and not cfg.bias:
+                v.zero_()
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    # write beside the target, then swap in: an interrupted export never leaves a half-written folder
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        hf_model.save_pretrained(tmp, safe_serialization=True)
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return directory

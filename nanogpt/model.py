@@ -1,0 +1,358 @@
+"""The GPT-2 language model, in one file that reads top to bottom.
+
+LayerNorm -> CausalSelfAttention -> MLP -> Block -> GPTConfig -> GPT (+ KVCache and sampling for generate).
+Parameter names follow OpenAI's GPT-2 (wte, wpe, h, ln_f, c_attn, c_proj, c_fc), so importing its weights
+is a key-for-key copy with four transposed matrices (see nanogpt/hf.py).
+
+References: OpenAI's GPT-2 (tensorflow/model.py), Hugging Face's GPT2LMHeadModel, Karpathy's nanoGPT.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+from nanogpt.errors import NanoGPTError
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with an optional bias (PyTorch's has no bias=False before 2.1)."""
+
+    def __init__(self, ndim: int, bias: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+class KVCache:
+    """Keys and values of the positions one attention layer has already seen, for incremental decoding."""
+
+    def __init__(self, max_len: int):
+        self.max_len = max_len
+        self.len = 0  # positions cached so far
+        self.kv: torch.Tensor | None = None  # (2, B, nh, max_len, hs), allocated on first use in k's dtype
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add (B, nh, T, hs) keys and values; return all cached ones, (B, nh, len, hs) each."""
+        B, nh, T, hs = k.shape
+        if self.kv is None:
+            self.kv = k.new_empty(2, B, nh, self.max_len, hs)
+        end = self.len + T
+        self.kv[0, :, :, self.len : end] = k
+        self.kv[1, :, :, self.len : end] = v
+        self.len = end
+        return self.kv[0, :, :, :end], self.kv[1, :, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        # key, query, value projections for all heads, in one batched matmul
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.attn_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.dropout = config.dropout
+        self.attention = config.attention
+        # causal mask: query i may look at keys 0..i. Not saved in checkpoints (persistent=False).
+        mask = torch.tril(torch.ones(config.block_size, config.block_size, dtype=torch.bool))
+        self.register_buffer("bias", mask, persistent=False)
+
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        B, T, C = x.size()  # batch, sequence length, n_embd
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        if kv_cache is not None:
+            k, v = kv_cache.append(k, v)  # (B, nh, S, hs), S = cached + T
+        S = k.size(2)
+        # the T queries are the last T of S positions: the mask's bottom-right (T, S) corner
+        mask = self.bias[S - T : S, :S]
+        if self.attention == "sdpa":
+            # fused kernel; is_causal only describes the square (S == T) case, one query needs no mask
+            y = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=None if S == T or T == 1 else mask,
+                dropout_p=self.dropout if self.training else 0.0,
+                is_causal=S == T and T > 1,
+            )
+        else:  # the plain path, kept for teaching and as the reference the fused kernel is tested against
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, S)
+            att = att.masked_fill(~mask, float("-inf"))
+            att = self.attn_dropout(F.softmax(att, dim=-1))
+            y = att @ v  # (B, nh, T, S) x (B, nh, S, hs) -> (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU(approximate=config.gelu_approximate)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), kv_cache)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024  # longest context, in tokens
+    vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64 for efficiency
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True  # biases in Linears and LayerNorms, like GPT-2; False is a bit better and faster
+    gelu_approximate: str = "none"  # "none": exact GELU (nanoGPT); "tanh": GPT-2's and HF's approximation
+    attention: str = "sdpa"  # "sdpa": PyTorch's fused kernel; "manual": the plain masked softmax
+
+    def __post_init__(self):
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise NanoGPTError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise NanoGPTError(
+                f"GPTConfig.n_embd={self.n_embd} must be divisible by n_head={self.n_head} (each head gets "
+                f"n_embd // n_head dimensions)"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise NanoGPTError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if self.gelu_approximate not in ("none", "tanh"):
+            raise NanoGPTError(
+                f"GPTConfig.gelu_approximate must be 'none' or 'tanh', got {self.gelu_approximate!r}"
+            )
+        if self.attention not in ("sdpa", "manual"):
+            raise NanoGPTError(f"GPTConfig.attention must be 'sdpa' or 'manual', got {self.attention!r}")
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                wpe=nn.Embedding(config.block_size, config.n_embd),
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                ln_f=LayerNorm(config.n_embd, bias=config.bias),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # weight tying (https://paperswithcode.com/method/weight-tying): one matrix embeds and unembeds
+        self.transformer.wte.weight = self.lm_head.weight
+
+        self.apply(self._init_weights)
+        # GPT-2 paper: residual projections scaled by 1/sqrt(number of residual additions = 2 n_layer)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def get_num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count; non_embedding leaves out the position embeddings (the token embeddings are
+        shared with lm_head, so they count)."""
+        n_params = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n_params -= self.transformer.wpe.weight.numel()
+        return n_params
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        kv_cache: list[KVCache] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """idx (B, T) token ids -> (logits, loss). With targets (B, T): logits (B, T, V) and the mean
+        cross-entropy over targets != -1. Without: logits of the last position only, (B, 1, V).
+        With kv_cache (one KVCache per layer) idx continues the cached positions."""
+        B, T = idx.size()
+        start = 0 if kv_cache is None else kv_cache[0].len
+        if start + T > self.config.block_size:
+            raise NanoGPTError(
+                f"cannot forward a sequence of length {start + T}: block_size is only {self.config.block_size}"
+            )
+        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
+
+        tok_emb = self.transformer.wte(idx)  # (B, T, n_embd)
+        pos_emb = self.transformer.wpe(pos)  # (T, n_embd)
+        x = self.transformer.drop(tok_emb + pos_emb)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, None if kv_cache is None else kv_cache[i])
+        x = self.transformer.ln_f(x)
+
+        if targets is not None:
+            logits = self.lm_head(x)  # (B, T, V)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        else:
+            # inference: only the last position's logits are needed (list [-1] keeps the time dim)
+            logits = self.lm_head(x[:, [-1], :])  # (B, 1, V)
+            loss = None
+        return logits, loss
+
+    def crop_block_size(self, block_size: int) -> None:
+        """Shrink the context (e.g. GPT-2's 1024 -> 256) for a smaller, faster model."""
+        if not 0 < block_size <= self.config.block_size:
+            raise NanoGPTError(f"crop_block_size: {block_size} must be in 1..{self.config.block_size}")
+        self.config.block_size = block_size
+        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+        for block in self.transformer.h:
+            block.attn.bias = block.attn.bias[:block_size, :block_size]
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, override_args: dict | None = None) -> GPT:
+        """GPT-2 weights: "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl" or a local HF GPT-2 folder."""
+        from nanogpt.hf import load_gpt2  # transformers is an optional dependency
+
+        return load_gpt2(name_or_path, override_args)
+
+    def configure_optimizers(
+        self, weight_decay: float, learning_rate: float, betas: tuple[float, float], device_type: str
+    ) -> torch.optim.AdamW:
+        """AdamW with weight decay on matrices (>= 2-D: Linear weights, embeddings) and none on biases
+        and LayerNorm gains."""
+        params = [p for p in self.parameters() if p.requires_grad]  # tied weights appear once
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        groups = [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        print(
+            f"num decayed parameter tensors: {len(decay)}, with {sum(p.numel() for p in decay):,} parameters\n"
+            f"num non-decayed parameter tensors: {len(no_decay)}, with "
+            f"{sum(p.numel() for p in no_decay):,} parameters"
+        )
+        # the fused kernel is one launch for all parameters; checked at run time, not by version
+        fused = "fused" in inspect.signature(torch.optim.AdamW).parameters and device_type == "cuda"
+        extra = {"fused": True} if fused else {"foreach": True}
+        print(f"using fused AdamW: {fused}")
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **extra)
+
+    def flops_per_token(self) -> float:
+        """Forward + backward FLOPs per token (PaLM appendix B): 6N for the matmuls with the weights,
+        12 L H Q T for attention scores and their use."""
+        cfg = self.config
+        L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size
+        return 6 * self.get_num_params() + 12 * L * H * Q * T
+
+    def estimate_mfu(self, fwdbwd_per_iter: int, dt: float, peak_flops: float | None = None) -> float:
+        """Model FLOPs utilisation: achieved FLOP/s of fwdbwd_per_iter sequences in dt seconds over
+        peak_flops (default: an A100's bf16 peak, 312 TFLOP/s)."""
+        flops_per_iter = self.flops_per_token() * self.config.block_size * fwdbwd_per_iter
+        return flops_per_iter / dt / (312e12 if peak_flops is None else peak_flops)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        use_cache: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Continue idx (B, T) by max_new_tokens tokens; returns (B, T + max_new_tokens)."""
+        new_tokens = list(
+            self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator)
+        )
+        return torch.cat([idx, *new_tokens], dim=1)
+
+    @torch.no_grad()
+    def generate_stream(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        use_cache: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> Iterator[torch.Tensor]:
+        """Yield the next token of each sequence, (B, 1), max_new_tokens times (for streaming output).
+
+        With use_cache, the prompt is read once and each new token costs one position's forward pass.
+        Once the sequence outgrows block_size, every step conditions on the last block_size tokens at
+        positions 0..block_size-1 (as nanoGPT does): those keys all change, so that phase recomputes.
+        use_cache=False recomputes every step: the reference both paths are tested to agree with."""
+        block_size = self.config.block_size
+        cache: list[KVCache] | None = None
+        for _ in range(max_new_tokens):
+            if not use_cache or idx.size(1) > block_size:
+                logits, _ = self(idx[:, -block_size:])
+            elif cache is None:  # read the whole prompt once
+                cache = [KVCache(min(block_size, idx.size(1) + max_new_tokens)) for _ in self.transformer.h]
+                logits, _ = self(idx, kv_cache=cache)
+            else:  # only the newest token is not cached yet
+                logits, _ = self(idx[:, -1:], kv_cache=cache)
+            idx_next = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator)
+            idx = torch.cat((idx, idx_next), dim=1)
+            yield idx_next
+
+
+def sample_next_token(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """logits (B, V) -> next token ids (B, 1). temperature 0 is greedy; top_k keeps the k likeliest
+    tokens, top_p the smallest set whose probability reaches p (nucleus sampling)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+        logits = logits.masked_fill(logits < v[:, [-1]], float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, sorted_idx = torch.sort(logits, descending=True)
+        cum_probs = torch.cumsum(F.softmax(sorted_logits, dim=-1), dim=-1)
+        # drop a token once the tokens before it already reach top_p (the likeliest always stays)
+        drop_sorted = cum_probs - F.softmax(sorted_logits, dim=-1) >= top_p
+        drop = drop_sorted.scatter(1, sorted_idx, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)
