@@ -1,0 +1,280 @@
+"""`nanogpt prepare`: known token counts, exact file contents, no-op and atomic rewrites, sources, bad input."""
+
+from __future__ import annotations
+
+import re
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nanogpt import cli
+from nanogpt.data import sources
+from nanogpt.data.loader import load_split, read_meta
+from nanogpt.data.prepare import DATASETS, prepare_dataset, split_bounds
+from nanogpt.data.tokenizers import CharTokenizer, GPT2Tokenizer, tokenizer_from_meta
+from nanogpt.errors import NanoGPTError
+
+
+@pytest.fixture(autouse=True)
+def offline_sources(monkeypatch, tmp_path):
+    """Canonical sources from the shared folder only; a download would land in (and fail from) tmp."""
+    shared = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    monkeypatch.setenv("NANOGPT_DATA_SOURCES", str(shared))
+    monkeypatch.setenv("NANOGPT_CACHE", str(tmp_path / "cache"))
+
+
+def _zip(path: Path, member: str, data: bytes) -> Path:
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr(member, data)
+    return path
+
+
+def test_shakespeare_char_known_answer(tmp_path, sources_dir, shakespeare_text, monkeypatch):
+    monkeypatch.setenv("NANOGPT_DATA_SOURCES", str(sources_dir))
+    out = prepare_dataset("shakespeare_char", data_dir=tmp_path)
+    meta = read_meta(out)
+    assert out == tmp_path / "shakespeare_char"
+    assert (meta["vocab_size"], meta["train_tokens"], meta["val_tokens"]) == (65, 1_003_854, 111_540)
+    assert meta["dtype"] == "uint16" and meta["eot"] is None
+    assert meta["source_sha256"] == sources.TINY_SHAKESPEARE.sha256
+    assert meta["split"]["rule"] == "first 90% train, last 10% val (by characters)"
+    tok = tokenizer_from_meta(meta["tokenizer"])
+    assert tok.decode(load_split(out, "train")) == shakespeare_text[:1_003_854]
+    assert tok.decode(load_split(out, "val")) == shakespeare_text[1_003_854:]
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "train.bin", "val.bin"]
+
+
+def test_shakespeare_bpe_known_answer(tmp_path, sources_dir, shakespeare_text, monkeypatch):
+    monkeypatch.setenv("NANOGPT_DATA_SOURCES", str(sources_dir))
+    assert cli.main(["prepare", "shakespeare", "--data_dir", str(tmp_path)]) == 0
+    meta = read_meta(tmp_path / "shakespeare")
+    assert (meta["train_tokens"], meta["val_tokens"], meta["vocab_size"]) == (301_966, 36_059, 50257)
+    assert meta["tokenizer"] == {"name": "gpt2"} and meta["eot"] == 50256
+    train = load_split(tmp_path / "shakespeare", "train")
+    assert GPT2Tokenizer().decode(train) == shakespeare_text[:1_003_854]
+
+
+def test_rerun_is_a_no_op_and_a_changed_source_is_prepared_again(tmp_path, capsys):
+    source = tmp_path / "notes.txt"
+    source.write_text("to be or not to be\n" * 50)
+    out = prepare_dataset("notes", source=source, data_dir=tmp_path / "data", tokenizer="char")
+    mtime = (out / "train.bin").stat().st_mtime_ns
+    prepare_dataset("notes", source=source, data_dir=tmp_path / "data", tokenizer="char")
+    assert "notes: up to date" in capsys.readouterr().out
+    assert (out / "train.bin").stat().st_mtime_ns == mtime
+    source.write_text("that is the question\n" * 10)
+    prepare_dataset("notes", source=source, data_dir=tmp_path / "data", tokenizer="char")
+    meta = read_meta(out)
+    assert meta["train_tokens"] + meta["val_tokens"] == 210
+    assert meta["tokenizer"]["chars"] == "\n aehinoqstu"
+    prepare_dataset("notes", source=source, data_dir=tmp_path / "data", tokenizer="byte")  # new tokenizer
+    assert read_meta(out)["tokenizer"] == {"name": "byte"}
+
+
+def test_interrupted_prepare_leaves_nothing_that_looks_valid(tmp_path, monkeypatch):
+    source = tmp_path / "a.txt"
+    source.write_text("abcdefghij" * 100)
+    out = prepare_dataset("a", source=source, data_dir=tmp_path, tokenizer="char")
+    source.write_text("klmnopqrst" * 100)
+    calls = []
+
+    def interrupted(self, text):
+        calls.append(text)
+        if len(calls) == 2:  # train written, val being encoded
+            raise KeyboardInterrupt
+        return original(self, text)
+
+    original = CharTokenizer.encode_array
+    monkeypatch.setattr(CharTokenizer, "encode_array", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_dataset("a", source=source, data_dir=tmp_path, tokenizer="char")
+    assert sorted(p.name for p in out.iterdir()) == ["train.bin", "val.bin"]  # old bins, no meta, no temps
+    with pytest.raises(NanoGPTError, match=r"no prepared data in .*: run `nanogpt prepare a`"):
+        read_meta(out)
+
+
+def test_enwik8_from_a_local_zip_splits_bytes_90_5_5(tmp_path):
+    data = bytes(range(256)) * 7 + "é😀".encode() + b"\xff\xfe" * 3  # not valid UTF-8 as a whole
+    out = prepare_dataset("enwik8", source=_zip(tmp_path / "enwik8.zip", "enwik8", data), data_dir=tmp_path)
+    meta = read_meta(out)
+    n = len(data)
+    n_train, n_val = int(n * 0.9), int(n * 0.05)
+    assert [meta["train_tokens"], meta["val_tokens"], meta["test_tokens"]] == [
+        n_train,
+        n_val,
+        n - n_train - n_val,
+    ]
+    assert meta["vocab_size"] == 256 and meta["split"]["unit"] == "bytes"
+    assert meta["split"]["rule"] == "first 90% train, next 5% val, last 5% test (by bytes)"
+    assert meta["source_sha256"] == sources.file_sha256(tmp_path / "enwik8.zip")
+    joined = np.concatenate([load_split(out, s) for s in ("train", "val", "test")])
+    assert joined.tobytes() == np.frombuffer(data, np.uint8).astype(np.uint16).tobytes()
+
+
+def test_split_bounds_canonical_sizes():
+    assert split_bounds(100_000_000, ("train", "val", "test"), 0.05) == {
+        "train": (0, 90_000_000),
+        "val": (90_000_000, 95_000_000),
+        "test": (95_000_000, 100_000_000),
+    }
+    assert split_bounds(1_115_394, ("train", "val"), 0.1) == {
+        "train": (0, 1_003_854),
+        "val": (1_003_854, 1_115_394),
+    }
+    with pytest.raises(NanoGPTError, match="the val split would be empty: 3 units with val_fraction 0.1"):
+        split_bounds(3, ("train", "val", "test"), 0.1)
+
+
+def test_text8_fixed_alphabet_and_unknown_character(tmp_path):
+    text = "anarchism originated as a term of abuse " * 50
+    out = prepare_dataset(
+        "text8", source=_zip(tmp_path / "text8.zip", "text8", text.encode()), data_dir=tmp_path
+    )
+    meta = read_meta(out)
+    assert meta["vocab_size"] == 27 and meta["tokenizer"]["chars"] == DATASETS["text8"].alphabet
+    assert [meta[f"{s}_tokens"] for s in ("train", "val", "test")] == [1800, 100, 100]
+    assert tokenizer_from_meta(meta["tokenizer"]).decode(load_split(out, "test")) == text[1900:]
+    bad = _zip(tmp_path / "bad.zip", "text8", (text[:1234] + "Q" + text).encode())
+    with pytest.raises(
+        NanoGPTError, match=r"character 'Q' at position 1234 of .*bad.zip is not in the vocabulary"
+    ):
+        prepare_dataset("text8", source=bad, data_dir=tmp_path / "other")
+
+
+def test_folder_and_glob_sources_with_bpe(tmp_path):
+    folder = tmp_path / "docs"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "b.txt").write_text("Second file.\n")
+    (folder / "sub" / "c.md").write_text("Third, in a sub folder.\n")
+    (folder / "a.txt").write_text("First file: Hello world\n" * 20)
+    (folder / ".hidden").write_text("never read")
+    tok = GPT2Tokenizer()
+    text = "First file: Hello world\n" * 20 + "Second file.\n" + "Third, in a sub folder.\n"
+    out = prepare_dataset(
+        "docs", source=folder, data_dir=tmp_path / "data", tokenizer="gpt2", val_fraction=0.25
+    )
+    n_train = int(len(text) * 0.75)
+    assert load_split(out, "train").tolist() == tok.encode(text[:n_train])
+    assert load_split(out, "val").tolist() == tok.encode(text[n_train:])
+    out = prepare_dataset("globbed", source=folder / "*.txt", data_dir=tmp_path / "data", tokenizer="char")
+    assert read_meta(out)["source"] == [str(folder / "a.txt"), str(folder / "b.txt")]
+
+
+def test_canonical_source_is_checked_and_download_is_cached(tmp_path, monkeypatch):
+    fake = tmp_path / "sources" / "tinyshakespeare" / "input.txt"
+    fake.parent.mkdir(parents=True)
+    fake.write_text("not Shakespeare\n")
+    monkeypatch.setenv("NANOGPT_DATA_SOURCES", str(tmp_path / "sources"))
+    with pytest.raises(NanoGPTError, match="is not the canonical input.txt"):
+        prepare_dataset("shakespeare_char", data_dir=tmp_path)
+    # a "download" from a file:// URL goes through the temporary name, the hash check and the cache
+    monkeypatch.delenv("NANOGPT_DATA_SOURCES")
+    raw = sources.RawSource("fake", "input.txt", fake.as_uri(), sources.file_sha256(fake), 16)
+    cached = sources.fetch(raw)
+    assert cached == tmp_path / "cache" / "fake" / "input.txt" and cached.read_text() == "not Shakespeare\n"
+    fake.unlink()
+    assert sources.fetch(raw) == cached  # served from the cache now
+    with pytest.raises(NanoGPTError, match="could not download .*set NANOGPT_DATA_SOURCES"):
+        sources.fetch(sources.RawSource("gone", "x.txt", fake.as_uri(), raw.sha256, 16))
+    assert list((tmp_path / "cache" / "gone").iterdir()) == []  # no partial file left behind
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["nosuch"],
+            "unknown dataset 'nosuch'; known: shakespeare_char, shakespeare, enwik8, text8, openwebtext",
+        ),
+        (
+            ["mine", "--source", "{tmp}/missing.txt", "--tokenizer", "char"],
+            "source '.*missing.txt' not found",
+        ),
+        (["mine", "--source", "{tmp}/empty.txt", "--tokenizer", "char"], "source '.*empty.txt' is empty"),
+        (["mine", "--source", "{tmp}/empty_dir", "--tokenizer", "char"], "is empty"),
+        (
+            ["mine", "--source", "{tmp}/latin1.txt", "--tokenizer", "gpt2"],
+            r"latin1.txt is not UTF-8 text: byte b'\\xe9' at offset 10 \(line 2, column 4\)",
+        ),
+        (["mine", "--source", "{tmp}/latin1.txt"], "your own dataset 'mine' needs --tokenizer"),
+        (["shakespeare_char", "--val_fraction", "1.5"], "val_fraction must leave room for train"),
+        (["openwebtext", "--source", "{tmp}/latin1.txt", "--tokenizer", "char"], "it needs --tokenizer gpt2"),
+    ],
+)
+def test_bad_input_is_a_clear_error_and_exit_1(tmp_path, capsys, args, message):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "empty_dir").mkdir()
+    (tmp_path / "latin1.txt").write_bytes("line 1\ncaf\xe9\n".encode("latin-1"))
+    argv = ["prepare", *(a.format(tmp=tmp_path) for a in args), "--data_dir", str(tmp_path / "data")]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("nanogpt prepare: error: ")
+    assert re.search(message, err), err
+    assert not (tmp_path / "data" / "mine" / "meta.json").exists()
+
+
+def test_help_lists_every_dataset(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["prepare", "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in DATASETS), out
+
+
+# --- document corpora through Hugging Face datasets (optional extra), on local fixtures only ---
+
+DOCS = [f"Document {i}: " + "the quick brown fox jumps over the lazy dog. " * (i % 7 + 1) for i in range(40)]
+
+
+@pytest.fixture
+def hf_datasets(monkeypatch, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+    return datasets
+
+
+def _documents_of(tokens: np.ndarray, eot: int) -> list[list[int]]:
+    cuts = np.flatnonzero(tokens == eot)
+    assert cuts[-1] == len(tokens) - 1  # every document ends with eot
+    return [doc.tolist() for doc in np.split(tokens, cuts[:-1] + 1)]
+
+
+def test_openwebtext_from_local_text_files(tmp_path, hf_datasets):
+    folder = tmp_path / "owt"
+    folder.mkdir()
+    for i, doc in enumerate(DOCS):
+        (folder / f"{i:02d}.txt").write_text(doc)
+    out = prepare_dataset("openwebtext", source=folder, data_dir=tmp_path / "data", val_fraction=0.1)
+    meta = read_meta(out)
+    tok = GPT2Tokenizer()
+    expected = sorted(tok.encode(doc) + [tok.eot] for doc in DOCS)
+    train, val = (_documents_of(np.asarray(load_split(out, s)), tok.eot) for s in ("train", "val"))
+    assert (len(train), len(val)) == (36, 4)
+    assert sorted(train + val) == expected  # every document once, whole, followed by eot
+    assert meta["split"]["documents"] == {"train": 36, "val": 4}
+    assert meta["train_tokens"] + meta["val_tokens"] == sum(map(len, expected))
+    prepare_dataset("openwebtext", source=folder, data_dir=tmp_path / "data", val_fraction=0.1)
+    assert read_meta(out) == meta
+
+
+def test_fineweb_from_parquet_tokenized_by_two_processes(tmp_path, hf_datasets):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from nanogpt.data import hf_corpus
+
+    path = tmp_path / "sample.parquet"
+    pq.write_table(pa.table({"text": DOCS, "id": list(range(len(DOCS)))}), path)
+    docs, sha256 = hf_corpus.load_documents([path], DATASETS["fineweb_edu"].hub)
+    assert sha256 == sources.file_sha256(path) and docs.column_names == ["text"]
+    tokenized = hf_corpus.tokenize(docs, val_fraction=0.25, num_proc=2)
+    tok = GPT2Tokenizer()
+    got = [
+        np.concatenate(list(hf_corpus.token_shards(tokenized[s], desc=s, max_shards=3)))
+        for s in ("train", "val")
+    ]
+    documents = _documents_of(got[0], tok.eot) + _documents_of(got[1], tok.eot)
+    assert sorted(documents) == sorted(tok.encode(doc) + [tok.eot] for doc in DOCS)
+    assert len(_documents_of(got[1], tok.eot)) == 10
