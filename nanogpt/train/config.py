@@ -1,0 +1,144 @@
+"""Every knob of training in one typed dataclass; presets are TOML files shipped in nanogpt/train/presets.
+
+Precedence: dataclass defaults (nanoGPT's train.py: GPT-2 124M on OpenWebText) < a preset or TOML file
+< `--key=value` overrides. `nanogpt train shakespeare_char_cpu --max_iters=500` reads like nanoGPT's
+`python train.py config/train_shakespeare_char.py --max_iters=500`, without executing any file.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+from nanogpt.config import help_text, parse_overrides, read_toml, set_fields
+from nanogpt.errors import NanoGPTError
+
+PRETRAINED = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+
+
+@dataclass
+class TrainConfig:
+    # I/O
+    out_dir: str = "out"  # checkpoint (ckpt.pt), config.json, metrics.jsonl and loss.png go here
+    eval_interval: int = 2000  # estimate train and val loss every this many iterations, and at max_iters
+    log_interval: int = 1  # log loss, lr, ms per iteration, tokens/s and MFU every this many iterations
+    eval_iters: int = 200  # batches per split in each loss estimate (the same batches at every eval)
+    eval_only: bool = False  # evaluate once at the start and exit (e.g. GPT-2 on OpenWebText)
+    always_save_checkpoint: bool = True  # save at every eval, not only when the val loss improves
+    init_from: str = "scratch"  # scratch | resume (from out_dir) | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a local HF GPT-2 folder
+    # logging
+    wandb_log: bool = False  # log to Weights & Biases (WANDB_MODE=offline works without an account)
+    wandb_project: str = "owt"
+    wandb_run_name: str = "gpt2"
+    tensorboard_log: bool = False  # write TensorBoard events to out_dir/tensorboard (needs `tensorboard`)
+    progress: Literal["auto", "bar", "plain"] = "auto"  # auto: a progress bar in a terminal, else plain lines
+    # data
+    data_dir: str = (
+        "data"  # the folder `nanogpt prepare` writes: data_dir/dataset/{train,val}.bin + meta.json
+    )
+    dataset: str = "openwebtext"
+    gradient_accumulation_steps: int = (
+        40  # micro-steps per iteration, over all processes (divided among them)
+    )
+    batch_size: int = 12  # sequences per micro-step per process
+    block_size: int = 1024  # context length in tokens
+    # model (ignored where the weights decide: resume, GPT-2; dropout always applies)
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0  # 0 for pretraining, 0.1+ for fine-tuning
+    bias: bool = (
+        False  # biases in Linears and LayerNorms (GPT-2 has them; without is a bit better and faster)
+    )
+    # AdamW
+    learning_rate: float = 6e-4  # peak learning rate
+    max_iters: int = 600000  # optimizer steps in total (a resumed run continues up to this)
+    weight_decay: float = 1e-1  # on matrices only (see GPT.configure_optimizers)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # clip the global gradient norm to this; 0 disables clipping
+    # learning rate schedule
+    decay_lr: bool = True  # linear warmup then cosine decay; False: constant learning_rate
+    warmup_iters: int = 2000
+    lr_decay_iters: int = 600000  # the cosine reaches min_lr here (about max_iters, per Chinchilla)
+    min_lr: float = 6e-5  # about learning_rate / 10, per Chinchilla
+    # system
+    backend: Literal["auto", "nccl", "gloo"] = (
+        "auto"  # torch.distributed backend: auto is nccl on CUDA, gloo on CPU
+    )
+    parallel: Literal["ddp", "fsdp"] = (
+        "ddp"  # under torchrun: replicate the model (ddp) or shard it (fsdp, FSDP2)
+    )
+    device: str = "auto"  # auto (cuda > mps > cpu) | cpu | cuda | cuda:1 | mps
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = (
+        "auto"  # auto: bfloat16 on CUDA that has it, float16 on older CUDA, else float32
+    )
+    compile: bool | None = None  # torch.compile the model; None: on CUDA only
+    seed: int = 1337  # model init, dropout and training batches (process k uses seed + k)
+
+    def __post_init__(self):
+        for name in ("eval_interval", "log_interval", "eval_iters", "gradient_accumulation_steps"):
+            _require(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("batch_size", "block_size", "n_layer", "n_head", "n_embd"):
+            _require(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("max_iters", "warmup_iters", "lr_decay_iters", "grad_clip", "min_lr", "weight_decay"):
+            _require(getattr(self, name) >= 0, f"{name} must not be negative, got {getattr(self, name)}")
+        _require(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+        _require(self.learning_rate > 0, f"learning_rate must be positive, got {self.learning_rate}")
+        _require(
+            not self.decay_lr or self.warmup_iters <= self.lr_decay_iters,
+            f"warmup_iters ({self.warmup_iters}) must not exceed lr_decay_iters ({self.lr_decay_iters})",
+        )
+        _require(
+            self.init_from in ("scratch", "resume", *PRETRAINED) or Path(self.init_from).is_dir(),
+            f"init_from must be scratch, resume, {', '.join(PRETRAINED)} or a local Hugging Face GPT-2 "
+            f"folder, got {self.init_from!r}",
+        )
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise NanoGPTError(message)
+
+
+def preset_names() -> list[str]:
+    return sorted(
+        p.name.removesuffix(".toml")
+        for p in resources.files(__package__).joinpath("presets").iterdir()
+        if p.name.endswith(".toml")
+    )
+
+
+def read_preset(name_or_path: str) -> dict[str, Any]:
+    """A preset's values: a shipped preset name, or the path of a TOML file."""
+    if name_or_path.endswith(".toml") or Path(name_or_path).is_file():
+        return read_toml(name_or_path)
+    names = preset_names()
+    if name_or_path not in names:
+        close = difflib.get_close_matches(name_or_path, names, n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise NanoGPTError(f"unknown preset {name_or_path!r} (presets: {', '.join(names)}).{hint}")
+    with resources.as_file(resources.files(__package__).joinpath("presets", f"{name_or_path}.toml")) as path:
+        return read_toml(path)
+
+
+def load_train_config(argv: list[str]) -> TrainConfig:
+    """`[PRESET] [--config NAME_OR_TOML] [--key=value ...]` -> the resolved TrainConfig."""
+    positionals, overrides = parse_overrides(argv)
+    if "config" in overrides:
+        positionals.append(str(overrides.pop("config")))
+    if len(positionals) > 1:
+        raise NanoGPTError(f"give at most one preset or config file, got {positionals}")
+    cfg = TrainConfig()
+    if positionals:
+        cfg = set_fields(cfg, read_preset(positionals[0]), where=f"config {positionals[0]}")
+    return set_fields(cfg, overrides, where="command line")
+
+
+def train_help() -> str:
+    usage = "usage: nanogpt train [PRESET | --config FILE.toml] [--key=value ...]"
+    presets = f"presets: {', '.join(preset_names())}   (nanogpt/train/presets/*.toml)"
+    return f"{help_text(TrainConfig, usage)}\n\n{presets}"

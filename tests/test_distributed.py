@@ -1,0 +1,139 @@
+"""Training under torchrun with two CPU processes (gloo on loopback): DDP and FSDP give the losses of one
+process with the same global batch, and a failing rank ends the job instead of hanging it."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from nanogpt.checkpoint import load_checkpoint
+from nanogpt.config import set_fields
+from nanogpt.data.prepare import prepare_dataset
+from nanogpt.train.config import TrainConfig
+from nanogpt.train.metrics import read_metrics
+from nanogpt.train.trainer import train
+
+# Run by torchrun in each process. Same global batch, same data: in production each rank draws its own
+# stream (BatchLoader(rank=r)), so a DDP run sees different windows than one process. Here every rank
+# instead reads the one-process stream, rank r taking batches r, r + W, r + 2W, ... (W = world size):
+# with gradient_accumulation_steps = A, one process's iteration i uses batches A*i .. A*i + A - 1, and
+# the W ranks' A/W micro-steps each use exactly those same A batches. The gradients are then the same
+# sums in another order, so the losses agree to float rounding. FAIL_RANK makes that rank raise mid-run.
+LAUNCHER = textwrap.dedent(
+    """
+    import os, sys
+    import nanogpt.train.trainer as trainer
+    from nanogpt.cli import main
+    from nanogpt.data.loader import BatchLoader
+
+    class OneProcessStream(BatchLoader):
+        def __init__(self, dataset_dir, batch_size, block_size, device="cpu", seed=1337, rank=0, world_size=1):
+            super().__init__(dataset_dir, batch_size, block_size, device, seed)  # the rank-0-of-1 stream
+            self.stream_rank, self.stream_world, self.drawn = rank, world_size, 0
+
+        def get_batch(self, split):
+            self.drawn += 1
+            if os.environ.get("FAIL_RANK") == str(self.stream_rank) and self.drawn > 6:
+                raise RuntimeError(f"injected failure on rank {self.stream_rank}")
+            batches = [super(OneProcessStream, self).get_batch(split) for _ in range(self.stream_world)]
+            return batches[self.stream_rank]
+
+    trainer.BatchLoader = OneProcessStream
+    sys.exit(main(sys.argv[1:]))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory, sources_dir) -> Path:
+    out = tmp_path_factory.mktemp("data")
+    prepare_dataset("shakespeare_char", source=sources_dir / "tinyshakespeare" / "input.txt", data_dir=out)
+    return out
+
+
+def tiny(data_dir: Path, out_dir: Path, **overrides) -> TrainConfig:
+    """4 micro-steps per iteration: all 4 in one process, 2 in each of two. No dropout: its random masks
+    differ between ranks by design."""
+    values = dict(
+        out_dir=str(out_dir),
+        data_dir=str(data_dir),
+        dataset="shakespeare_char",
+        n_layer=2,
+        n_head=2,
+        n_embd=32,
+        block_size=16,
+        batch_size=4,
+        gradient_accumulation_steps=4,
+        max_iters=6,
+        warmup_iters=2,
+        lr_decay_iters=6,
+        learning_rate=3e-3,
+        eval_interval=3,
+        eval_iters=3,  # odd: one rank gets a padding batch, not counted
+        log_interval=1,
+        device="cpu",
+        dtype="float32",
+        compile=False,
+        progress="plain",
+    )
+    return set_fields(TrainConfig(), {**values, **overrides}, where="test")
+
+
+def torchrun(
+    cfg: TrainConfig, tmp_path: Path, timeout: float = 120, **env: str
+) -> subprocess.CompletedProcess:
+    launcher = tmp_path / "launch.py"
+    launcher.write_text(LAUNCHER)
+    with socket.socket() as s:  # a free port on loopback
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", **env}
+    if Path("/sys/class/net/lo").exists():
+        env["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={port}", str(launcher), "train", *[f"--{k}={v!r}" for k, v in vars(cfg).items()]]  # fmt: skip
+    return subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=timeout)
+
+
+def assert_same_losses(a: Path, b: Path) -> None:
+    ra, rb = read_metrics(a), read_metrics(b)
+    assert [sorted(r) for r in ra] == [sorted(r) for r in rb]
+    for x, y in zip(ra, rb, strict=True):
+        for key in ("loss", "train_loss", "val_loss"):
+            if key in x:
+                assert abs(x[key] - y[key]) < 1e-5, (x, y)
+
+
+@pytest.fixture(scope="module")
+def one_process(data_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("one")
+    train(tiny(data_dir, out))
+    return out
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_equal_one(data_dir, tmp_path, one_process, parallel):
+    out = tmp_path / parallel
+    result = torchrun(tiny(data_dir, out, parallel=parallel), tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert_same_losses(out, one_process)
+    # rank 0 saved one checkpoint, with both ranks' RNG states; any mode resumes it
+    ckpt = load_checkpoint(out)
+    assert ckpt["iter_num"] == 6 and len(ckpt["rng"]) == 2
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
+
+
+def test_failing_rank_ends_the_job(data_dir, tmp_path):
+    start = time.time()
+    result = torchrun(tiny(data_dir, tmp_path / "out", max_iters=50), tmp_path, FAIL_RANK="1")
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "injected failure on rank 1" in output
+    assert time.time() - start < 100  # ended, not hung until the timeout

@@ -1,0 +1,220 @@
+"""The training loop on a tiny model and real text: logs, checkpoints, exact resume, signals, failures."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from nanogpt.checkpoint import load_checkpoint, model_from_checkpoint
+from nanogpt.config import set_fields
+from nanogpt.data.prepare import prepare_dataset
+from nanogpt.errors import NanoGPTError
+from nanogpt.model import GPT
+from nanogpt.train.config import TrainConfig
+from nanogpt.train.metrics import read_metrics
+from nanogpt.train.trainer import train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory, sources_dir) -> Path:
+    """tiny Shakespeare, character-level, prepared once for this module."""
+    out = tmp_path_factory.mktemp("data")
+    prepare_dataset("shakespeare_char", source=sources_dir / "tinyshakespeare" / "input.txt", data_dir=out)
+    return out
+
+
+def tiny(data_dir: Path, out_dir: Path, **overrides) -> TrainConfig:
+    """A 2-layer model that trains in milliseconds per step; dropout and 2 micro-steps exercise the RNG
+    and gradient accumulation."""
+    values = dict(
+        out_dir=str(out_dir),
+        data_dir=str(data_dir),
+        dataset="shakespeare_char",
+        n_layer=2,
+        n_head=2,
+        n_embd=32,
+        block_size=16,
+        batch_size=4,
+        gradient_accumulation_steps=2,
+        dropout=0.1,
+        learning_rate=3e-3,
+        max_iters=8,
+        warmup_iters=2,
+        lr_decay_iters=8,
+        min_lr=3e-4,
+        eval_interval=4,
+        eval_iters=2,
+        log_interval=1,
+        always_save_checkpoint=True,
+        device="cpu",
+        dtype="float32",
+        compile=False,
+        progress="plain",
+    )
+    return set_fields(TrainConfig(), {**values, **overrides}, where="test")
+
+
+def cli_args(cfg: TrainConfig) -> list[str]:
+    return [f"--{k}={v!r}" for k, v in vars(cfg).items()]
+
+
+def loss_by_iter(out_dir: Path) -> dict[int, float]:
+    return {r["iter"]: r["loss"] for r in read_metrics(out_dir) if "loss" in r}
+
+
+def test_training_learns_and_records_everything(data_dir, tmp_path):
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "run"
+    cfg = tiny(data_dir, out, max_iters=60, eval_interval=30, eval_iters=10, dropout=0.0)
+    result = train(set_fields(cfg, dict(learning_rate=1e-2, lr_decay_iters=60, min_lr=1e-3), where="test"))
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers  # restored
+
+    records = read_metrics(out)
+    evals = [r for r in records if "val_loss" in r]
+    logs = [r for r in records if "loss" in r]
+    assert [r["iter"] for r in evals] == [0, 30, 60]
+    assert [r["iter"] for r in logs] == list(range(60))
+    assert set(logs[0]) >= {"iter", "loss", "lr", "ms", "tokens_per_sec", "mfu"}
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.8  # from ln(65) = 4.17 to well below
+    assert result["final_train_loss"] == evals[-1]["train_loss"]
+    assert result["best_val_loss"] == min(r["val_loss"] for r in evals)
+    assert result["iter_num"] == 60 and result["out_dir"] == str(out) and result["total_train_time"] > 0
+
+    assert json.loads((out / "config.json").read_text())["max_iters"] == 60
+    assert (out / "loss.png").stat().st_size > 0
+    ckpt = load_checkpoint(out)  # weights_only=True
+    assert ckpt["iter_num"] == 60 and ckpt["model_args"]["vocab_size"] == 65
+    assert len(ckpt["tokenizer"]["chars"]) == 65  # sampling needs no data folder
+    assert not any("_orig_mod." in k for k in ckpt["model"])
+    model_from_checkpoint(ckpt)
+
+
+def test_exact_resume(data_dir, tmp_path):
+    """N + M iterations in one run == N, a stop, and M more with init_from=resume: bit for bit on the CPU
+    (dropout and two micro-steps per iteration included). The first part stops between two evals."""
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    train(tiny(data_dir, whole, max_iters=10))
+    train(tiny(data_dir, part, max_iters=5))
+    assert load_checkpoint(part)["iter_num"] == 5
+    train(tiny(data_dir, part, max_iters=10, init_from="resume"))
+
+    assert loss_by_iter(part) == loss_by_iter(whole)  # the first part's records are kept
+    evals = lambda out: {r["iter"]: r["val_loss"] for r in read_metrics(out) if "val_loss" in r}
+    assert evals(part)[8] == evals(whole)[8] and evals(part)[10] == evals(whole)[10]
+    a, b = load_checkpoint(whole), load_checkpoint(part)
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+
+
+def test_sigterm_saves_and_resumes_exactly(data_dir, tmp_path):
+    """SIGTERM mid-run: the step finishes, a checkpoint is saved, exit 0 with a resume hint; resuming gives
+    the same losses as a run never stopped."""
+    stopped, whole = tmp_path / "stopped", tmp_path / "whole"
+    cfg = tiny(data_dir, stopped, max_iters=150, eval_interval=50)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "nanogpt", "train", *cli_args(cfg)]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path
+    )
+    deadline = time.time() + 60
+    while not loss_by_iter(stopped) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, output
+    assert "--init_from=resume" in output
+    stop_iter = load_checkpoint(stopped)["iter_num"]
+    assert 0 < stop_iter < 150
+
+    train(set_fields(cfg, {"init_from": "resume"}, where="test"))
+    train(set_fields(cfg, {"out_dir": str(whole)}, where="test"))
+    assert loss_by_iter(stopped) == loss_by_iter(whole)
+
+
+def test_kill_9_during_saves_leaves_a_good_checkpoint(data_dir, tmp_path):
+    """A checkpoint at every iteration, killed at an arbitrary moment: the last one on disk still loads."""
+    out = tmp_path / "run"
+    cfg = tiny(data_dir, out, max_iters=10_000, eval_interval=1, n_embd=64)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "nanogpt", "train", *cli_args(cfg)], env=env, cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 60
+    while not (out / "ckpt.pt").exists() and time.time() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.5)  # several more saves in flight
+    proc.kill()
+    proc.wait(timeout=30)
+    ckpt = load_checkpoint(out)
+    assert ckpt["iter_num"] >= 1
+    model_from_checkpoint(ckpt)
+
+
+def test_non_finite_loss_stops_and_keeps_the_checkpoint(data_dir, tmp_path, monkeypatch):
+    forward, calls = GPT.forward, []
+
+    def nan_from_iteration_6(self, idx, targets=None, kv_cache=None):
+        logits, loss = forward(self, idx, targets, kv_cache)
+        if self.training:
+            calls.append(1)
+            if len(calls) > 2 * 6:  # two micro-steps per iteration
+                loss = loss * math.nan
+        return logits, loss
+
+    monkeypatch.setattr(GPT, "forward", nan_from_iteration_6)
+    out = tmp_path / "run"
+    with pytest.raises(NanoGPTError, match=r"loss is nan at iteration 6.*last good checkpoint"):
+        train(tiny(data_dir, out, max_iters=20))
+    assert load_checkpoint(out)["iter_num"] == 4
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_mixed_precision_on_cpu(data_dir, tmp_path, dtype):
+    result = train(tiny(data_dir, tmp_path, max_iters=4, dtype=dtype))
+    assert math.isfinite(result["final_train_loss"])
+    ckpt = load_checkpoint(tmp_path)
+    assert bool(ckpt["scaler"]) == (dtype == "float16")  # a gradient scaler for float16 only
+
+
+def test_eval_only_saves_nothing(data_dir, tmp_path):
+    result = train(tiny(data_dir, tmp_path, eval_only=True))
+    assert [r["iter"] for r in read_metrics(tmp_path)] == [0]
+    assert result["iter_num"] == 0 and math.isfinite(result["best_val_loss"])
+    assert not (tmp_path / "ckpt.pt").exists()
+
+
+def test_fine_tune_a_local_hugging_face_gpt2(data_dir, tmp_path):
+    """init_from a local HF GPT-2 folder: its shapes, cropped to block_size; GPT-2's tanh GELU kept."""
+    transformers = pytest.importorskip("transformers")
+    hf_config = transformers.GPT2Config(vocab_size=65, n_positions=64, n_embd=32, n_layer=2, n_head=2)
+    transformers.GPT2LMHeadModel(hf_config).save_pretrained(tmp_path / "hf")
+    result = train(tiny(data_dir, tmp_path / "run", init_from=str(tmp_path / "hf"), n_layer=7, max_iters=4))
+    assert math.isfinite(result["final_train_loss"])
+    args = load_checkpoint(tmp_path / "run")["model_args"]
+    assert (args["n_layer"], args["block_size"], args["gelu_approximate"]) == (2, 16, "tanh")
+
+
+def test_resume_without_checkpoint_is_a_clear_error(data_dir, tmp_path):
+    with pytest.raises(NanoGPTError, match="no checkpoint"):
+        train(tiny(data_dir, tmp_path, init_from="resume"))
+
+
+def test_missing_dataset_says_how_to_prepare(tmp_path):
+    with pytest.raises(NanoGPTError, match="nanogpt prepare"):
+        train(tiny(tmp_path, tmp_path / "out", dataset="my_text"))
+
+
+@pytest.mark.slow
+def test_compiled_model_checkpoint_has_clean_keys(data_dir, tmp_path):
+    train(tiny(data_dir, tmp_path, max_iters=4, compile=True))
+    assert not any("_orig_mod." in k for k in load_checkpoint(tmp_path)["model"])
