@@ -69,6 +69,13 @@ class CausalSelfAttention(nn.Module):
         mask = torch.tril(torch.ones(config.block_size, config.block_size, dtype=torch.bool))
         self.register_buffer("bias", mask, persistent=False)
 
+    def _use_sdpa(self, q: torch.Tensor) -> bool:
+        if self.attention != "auto":
+            return self.attention == "sdpa"
+        # PyTorch's fused CPU kernel is slow backwards in bfloat16 (measured 9x its float32 time on an
+        # AVX-512 CPU; benchmarks/bench_train.py): there the plain path's bf16 matmuls win
+        return not (q.device.type == "cpu" and q.dtype == torch.bfloat16 and torch.is_grad_enabled())
+
     def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
         B, T, C = x.size()  # batch, sequence length, n_embd
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
@@ -80,7 +87,7 @@ class CausalSelfAttention(nn.Module):
         S = k.size(2)
         # the T queries are the last T of S positions: the mask's bottom-right (T, S) corner
         mask = self.bias[S - T : S, :S]
-        if self.attention == "sdpa":
+        if self._use_sdpa(q):
             # fused kernel; is_causal only describes the square (S == T) case, one query needs no mask
             y = F.scaled_dot_product_attention(
                 q,
@@ -137,7 +144,9 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True  # biases in Linears and LayerNorms, like GPT-2; False is a bit better and faster
     gelu_approximate: str = "none"  # "none": exact GELU (nanoGPT); "tanh": GPT-2's and HF's approximation
-    attention: str = "sdpa"  # "sdpa": PyTorch's fused kernel; "manual": the plain masked softmax
+    attention: str = (
+        "auto"  # "sdpa": PyTorch's fused kernel; "manual": the plain masked softmax; "auto": the faster
+    )
 
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
@@ -155,8 +164,10 @@ class GPTConfig:
             raise NanoGPTError(
                 f"GPTConfig.gelu_approximate must be 'none' or 'tanh', got {self.gelu_approximate!r}"
             )
-        if self.attention not in ("sdpa", "manual"):
-            raise NanoGPTError(f"GPTConfig.attention must be 'sdpa' or 'manual', got {self.attention!r}")
+        if self.attention not in ("auto", "sdpa", "manual"):
+            raise NanoGPTError(
+                f"GPTConfig.attention must be 'auto', 'sdpa' or 'manual', got {self.attention!r}"
+            )
 
 
 class GPT(nn.Module):
@@ -264,8 +275,9 @@ class GPT(nn.Module):
             f"num non-decayed parameter tensors: {len(no_decay)}, with "
             f"{sum(p.numel() for p in no_decay):,} parameters"
         )
-        # the fused kernel is one launch for all parameters; checked at run time, not by version
-        fused = "fused" in inspect.signature(torch.optim.AdamW).parameters and device_type == "cuda"
+        # the fused kernel updates all parameters in one pass (CUDA, and CPU since torch 2.4: 7% faster
+        # steps of the shakespeare_char_cpu model here); checked at run time, not by version
+        fused = "fused" in inspect.signature(torch.optim.AdamW).parameters and device_type in ("cuda", "cpu")
         extra = {"fused": True} if fused else {"foreach": True}
         print(f"using fused AdamW: {fused}")
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **extra)

@@ -209,3 +209,14 @@ def test_tanh_gelu_is_selectable():
     idx = torch.randint(0, 65, (2, 16))
     diff = (exact(idx, idx)[0] - tanh(idx, idx)[0]).abs().max().item()
     assert 0 < diff < 1e-2  # same weights, slightly different activation
+
+
+def test_auto_attention_picks_the_plain_path_for_cpu_bf16_training():
+    """ "auto" = the plain path where the fused CPU kernel is slow (bf16 with gradients), else SDPA."""
+    auto, manual, sdpa = (tiny_model(attention=a) for a in ("auto", "manual", "sdpa"))
+    idx = torch.randint(0, 65, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(auto(idx, idx)[0], manual(idx, idx)[0])
+        with torch.no_grad():
+            assert torch.equal(auto(idx, idx)[0], sdpa(idx, idx)[0])
+    assert torch.equal(auto(idx, idx)[0], sdpa(idx, idx)[0])  # float32
