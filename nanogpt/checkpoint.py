@@ -88,7 +88,12 @@ def load_model(source: str | Path, device: str | torch.device = "cpu") -> tuple[
     from nanogpt.hf import PRETRAINED
 
     source_path = Path(source)
-    if str(source) in PRETRAINED or (source_path / "config.json").is_file():
+    # HF weights beside config.json: a training out_dir has a config.json too (its training config)
+    hf_weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+    is_hf_folder = (source_path / "config.json").is_file() and any(
+        (source_path / w).is_file() for w in hf_weights
+    )
+    if str(source) in PRETRAINED or is_hf_folder:
         model = GPT.from_pretrained(str(source))
         tokenizer = get_tokenizer("gpt2")
     else:

@@ -1,0 +1,251 @@
+"""Training-step throughput on this machine, side by side in one run: our plain eager float32 path, our
+CPU defaults (bf16 autocast, attention="auto", fused AdamW), the same compiled, and Hugging Face's
+GPT2LMHeadModel with the same sizes, batch and dtype. Then how the cost grows with block size and width.
+
+    python benchmarks/bench_train.py                      # the shakespeare_char_cpu model, batch 12 x 64
+    python benchmarks/bench_train.py --no-compile --json results.json
+
+Contenders run round-robin (a few steps each, many rounds) so that a noisy machine slows them alike;
+we report each one's median step time, its ratio to the plain path, MFU against this CPU's measured
+matmul peak, and its peak RSS (measured in a separate pass: VmHWM reset through /proc/self/clear_refs).
+Inputs are random tokens: data loading is not timed here (it is ~0.2 ms per batch, see test_loader).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+from nanogpt import GPT, GPTConfig
+from nanogpt.bench import matmul_peak_flops
+
+BASE = dict(vocab_size=65, n_layer=4, n_head=4, n_embd=128, dropout=0.0, bias=False)  # shakespeare_char_cpu
+
+
+def peak_rss_mib() -> float | None:
+    """The process's peak resident memory since the last reset_peak_rss (Linux), in MiB."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss() -> None:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # 5: reset the peak RSS counter (Linux >= 4.0)
+    except OSError:
+        pass
+
+
+def our_step(cfg: GPTConfig, batch: int, bf16: bool, fused: bool, compile: bool) -> tuple[Callable, GPT]:
+    """One optimizer step of our model on a fixed random batch, as the trainer takes it."""
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=1e-3, **({"fused": True} if fused else {"foreach": True})
+    )
+    forward = torch.compile(model) if compile else model
+    x = torch.randint(cfg.vocab_size, (batch, cfg.block_size))
+    y = torch.randint(cfg.vocab_size, (batch, cfg.block_size))
+
+    def step() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            _, loss = forward(x, y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step, model
+
+
+def hf_step(cfg: GPTConfig, batch: int, bf16: bool, attn_implementation: str) -> Callable:
+    """The same step with transformers' GPT2LMHeadModel (same sizes; GPT-2's tanh GELU), our loss."""
+    import transformers
+
+    torch.manual_seed(0)
+    hf_cfg = transformers.GPT2Config(
+        vocab_size=cfg.vocab_size,
+        n_positions=cfg.block_size,
+        n_embd=cfg.n_embd,
+        n_layer=cfg.n_layer,
+        n_head=cfg.n_head,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        attn_implementation=attn_implementation,
+        bos_token_id=None,  # a character vocabulary has no <|endoftext|>
+        eos_token_id=None,
+    )
+    model = transformers.GPT2LMHeadModel(hf_cfg).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    x = torch.randint(cfg.vocab_size, (batch, cfg.block_size))
+    y = torch.randint(cfg.vocab_size, (batch, cfg.block_size))
+
+    def step() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = model(x).logits
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def round_robin(steps: dict[str, Callable], rounds: int, per_round: int, warmup: int) -> dict[str, float]:
+    """Median seconds per step of each contender, timed in interleaved rounds."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            for _ in range(per_round):
+                t0 = time.perf_counter()
+                step()
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def rss_of(make: Callable[[], Callable], steps: int = 3) -> float | None:
+    reset_peak_rss()
+    step = make()
+    for _ in range(steps):
+        step()
+    return peak_rss_mib()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--batch_size", type=int, default=12)
+    parser.add_argument("--block_size", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument(
+        "--no-compile", dest="compile", action="store_false", help="skip the compiled contender"
+    )
+    parser.add_argument("--no-scaling", dest="scaling", action="store_false", help="skip the scaling table")
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
+
+    cfg = GPTConfig(block_size=args.block_size, **BASE)
+    plain = GPTConfig(block_size=args.block_size, attention="sdpa", **BASE)
+    B = args.batch_size
+    makers: dict[str, Callable[[], Callable]] = {
+        "ours fp32 eager (plain path)": lambda: our_step(plain, B, bf16=False, fused=False, compile=False)[0],
+        "ours bf16 eager (CPU defaults)": lambda: our_step(cfg, B, bf16=True, fused=True, compile=False)[0],
+        "HF fp32 (sdpa)": lambda: hf_step(cfg, B, bf16=False, attn_implementation="sdpa"),
+        "HF bf16 (sdpa)": lambda: hf_step(cfg, B, bf16=True, attn_implementation="sdpa"),
+        "HF bf16 (eager attention)": lambda: hf_step(cfg, B, bf16=True, attn_implementation="eager"),
+    }
+    compile_seconds = None
+    if args.compile:
+        makers["ours bf16 compiled"] = lambda: our_step(cfg, B, bf16=True, fused=True, compile=True)[0]
+        t0 = time.perf_counter()
+        our_step(cfg, B, bf16=True, fused=True, compile=True)[0]()  # first call compiles
+        compile_seconds = time.perf_counter() - t0
+
+    rss = {name: rss_of(make) for name, make in makers.items()}
+    medians = round_robin({name: make() for name, make in makers.items()}, args.rounds, 3, warmup=3)
+    flops_per_step = our_step(cfg, B, False, False, False)[1].flops_per_token() * B * args.block_size
+    peaks = {
+        "float32": matmul_peak_flops("cpu", torch.float32),
+        "bfloat16": matmul_peak_flops("cpu", torch.bfloat16),
+    }
+    base = medians["ours fp32 eager (plain path)"]
+    rows = []
+    for name, dt in medians.items():
+        peak = peaks["bfloat16" if "bf16" in name else "float32"]
+        rows.append(
+            {
+                "contender": name,
+                "ms_per_iter": 1000 * dt,
+                "tokens_per_sec": B * args.block_size / dt,
+                "speedup_vs_plain": base / dt,
+                "mfu": flops_per_step / dt / peak,
+                "peak_rss_mib": rss[name],
+            }
+        )
+    best_ours = max((r for r in rows if r["contender"].startswith("ours")), key=lambda r: r["tokens_per_sec"])
+    best_hf = max((r for r in rows if r["contender"].startswith("HF")), key=lambda r: r["tokens_per_sec"])
+
+    scaling = []
+    if args.scaling:
+        for block_size, n_embd in [(64, 128), (128, 128), (256, 128), (64, 256), (64, 384)]:
+            c = GPTConfig(**{**BASE, "block_size": block_size, "n_embd": n_embd})
+            p = GPTConfig(**{**BASE, "block_size": block_size, "n_embd": n_embd, "attention": "sdpa"})
+            m = round_robin(
+                {
+                    "fp32": our_step(p, B, bf16=False, fused=False, compile=False)[0],
+                    "bf16": our_step(c, B, bf16=True, fused=True, compile=False)[0],
+                },
+                rounds=5,
+                per_round=2,
+                warmup=2,
+            )
+            scaling.append(
+                {
+                    "block_size": block_size,
+                    "n_embd": n_embd,
+                    "params": GPT(c).get_num_params(),
+                    "fp32_ms": 1000 * m["fp32"],
+                    "bf16_ms": 1000 * m["bf16"],
+                    "bf16_tokens_per_sec": B * block_size / m["bf16"],
+                    "bf16_speedup": m["fp32"] / m["bf16"],
+                }
+            )
+
+    result = {
+        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()},
+        "torch": torch.__version__,
+        "model": {**BASE, "block_size": args.block_size, "batch_size": B},
+        "peak_flops": peaks,
+        "compile_seconds": compile_seconds,
+        "rows": rows,
+        "ours_best_vs_hf_best": best_ours["tokens_per_sec"] / best_hf["tokens_per_sec"],
+        "scaling": scaling,
+    }
+    print(
+        f"shakespeare_char_cpu model, batch {B} x {args.block_size}, {result['machine']['threads']} threads, "
+        f"torch {torch.__version__}; matmul peak fp32 {peaks['float32'] / 1e9:.0f} GFLOP/s, "
+        f"bf16 {peaks['bfloat16'] / 1e9:.0f} GFLOP/s"
+    )
+    print("| contender | ms/iter | tokens/s | vs plain | MFU | peak RSS MiB |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        rss_text = f"{r['peak_rss_mib']:.0f}" if r["peak_rss_mib"] else "n/a"
+        print(
+            f"| {r['contender']} | {r['ms_per_iter']:.1f} | {r['tokens_per_sec']:,.0f} | "
+            f"{r['speedup_vs_plain']:.2f}x | {100 * r['mfu']:.1f}% | {rss_text} |"
+        )
+    print(f"ours best / HF best: {result['ours_best_vs_hf_best']:.2f}x", end="")
+    print(f"; compile time {compile_seconds:.0f} s" if compile_seconds else "")
+    if scaling:
+        print("\n| block | n_embd | params | fp32 ms | bf16 ms | bf16 tokens/s | bf16 speedup |")
+        print("|---:|---:|---:|---:|---:|---:|---:|")
+        for s in scaling:
+            print(
+                f"| {s['block_size']} | {s['n_embd']} | {s['params'] / 1e6:.2f}M | {s['fp32_ms']:.1f} | "
+                f"{s['bf16_ms']:.1f} | {s['bf16_tokens_per_sec']:,.0f} | {s['bf16_speedup']:.2f}x |"
+            )
+    print(json.dumps(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,274 @@
+"""`nanogpt bench`: training-step throughput (ms/iter, tokens/s, MFU) and generation throughput (tokens/s
+with and without the KV cache, batch 1 and 8) of a preset's model or a checkpoint's.
+
+    nanogpt bench                                          # the shakespeare_char_cpu preset
+    nanogpt bench --config=gpt2_124m --device=cuda --dtype=bfloat16 --json
+    nanogpt bench --out_dir=out/shakespeare_char --batch_size=32
+
+MFU is measured against this machine's own peak: the best of a few large matmuls in float32 and bfloat16
+at start, on the CPU as on a GPU (so it is the fraction of what this device actually does, not of a
+datasheet number). Inputs are random tokens: of a preset's dataset only meta.json is read, for the vocabulary
+(the dataset is prepared first if it is not yet, as training would).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+
+from nanogpt.checkpoint import load_checkpoint, model_from_checkpoint
+from nanogpt.config import set_fields
+from nanogpt.data.loader import read_meta
+from nanogpt.errors import NanoGPTError
+from nanogpt.model import GPT
+from nanogpt.sample import DTYPES, autocast, read_argv, resolve_device
+from nanogpt.train.config import TrainConfig, load_train_config
+from nanogpt.train.distributed import DistEnv
+from nanogpt.train.trainer import dataset_dir, init_model, resolve_dtype
+
+GEN_BATCH_SIZES = (1, 8)
+
+
+@dataclass
+class BenchOptions:
+    """bench's own options; every other --key=value is a TrainConfig override (device, dtype, batch_size,
+    block_size, n_layer, compile, ...)."""
+
+    config: str = "shakespeare_char_cpu"  # the training preset whose model and batch shape are measured
+    out_dir: str = ""  # measure this checkpoint's model and training config instead of a preset's
+    train_iters: int = 10  # timed training steps (after warmup_iters untimed ones); the median is reported
+    warmup_iters: int = 3
+    new_tokens: int = 0  # tokens generated per sequence; 0: fill the context window after a 1-token prompt
+    repeats: int = 3  # timed generate() runs per setting; the median is reported
+    json: bool = False  # print one JSON object (progress goes to stderr)
+
+    def __post_init__(self):
+        if self.train_iters < 1 or self.warmup_iters < 0 or self.new_tokens < 0 or self.repeats < 1:
+            raise NanoGPTError("train_iters and repeats must be >= 1, warmup_iters and new_tokens >= 0")
+
+
+def split_options(cls: type, overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Overrides -> (those naming a field of dataclass `cls`, those naming a TrainConfig field); any other
+    key is an error that suggests the closest names of both."""
+    own, train = {f.name for f in fields(cls)}, {f.name for f in fields(TrainConfig)}
+    for key in overrides.keys() - own - train:
+        close = difflib.get_close_matches(key, own | train, n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise NanoGPTError(f"unknown option {key!r} (neither {cls.__name__} nor TrainConfig has it).{hint}")
+    return {k: v for k, v in overrides.items() if k in own}, {
+        k: v for k, v in overrides.items() if k not in own
+    }
+
+
+def synchronize(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak_flops(device: str, dtype: torch.dtype, repeats: int = 5) -> float:
+    """FLOP/s of the fastest of `repeats` square matmuls, large enough to reach the device's peak."""
+    n = 8192 if torch.device(device).type == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b  # warm up: library dispatch, thread pool, clocks
+    best = float("inf")
+    for _ in range(repeats):
+        synchronize(device)
+        t0 = time.perf_counter()
+        a @ b
+        synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def measure_training(
+    model: torch.nn.Module,
+    raw_model: GPT,
+    cfg: TrainConfig,
+    device: str,
+    dtype: str,
+    iters: int,
+    warmup: int,
+    peak_flops: float,
+) -> dict[str, float]:
+    """Median time of a full optimizer step as the trainer takes it (gradient_accumulation_steps
+    micro-batches of random tokens, forward, backward, clipping, AdamW) -> ms/iter, tokens/s and MFU.
+    `model` is what runs the steps (raw_model, or it compiled)."""
+    B, T, accum = cfg.batch_size, raw_model.config.block_size, cfg.gradient_accumulation_steps
+    device_type = torch.device(device).type
+    model.train()
+    optimizer = raw_model.configure_optimizers(
+        cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type
+    )
+    scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
+    x = torch.randint(raw_model.config.vocab_size, (B, T), device=device)
+    y = torch.randint(raw_model.config.vocab_size, (B, T), device=device)
+    times = []
+    for i in range(warmup + iters):
+        synchronize(device)
+        t0 = time.perf_counter()
+        for _ in range(accum):
+            with autocast(device, dtype):
+                _, loss = model(x, y)
+            scaler.scale(loss / accum).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or math.inf)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        synchronize(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    model.eval()
+    dt = statistics.median(times)
+    return {
+        "ms_per_iter": 1000 * dt,
+        "tokens_per_iter": B * T * accum,
+        "tokens_per_sec": B * T * accum / dt,
+        "mfu": raw_model.estimate_mfu(B * accum, dt, peak_flops),
+    }
+
+
+@torch.no_grad()
+def generation_tokens_per_second(
+    model: GPT,
+    batch_size: int,
+    new_tokens: int,
+    use_cache: bool = True,
+    dtype: str = "float32",
+    repeats: int = 3,
+) -> float:
+    """New tokens per second (all sequences together) of model.generate after a 1-token prompt, plain
+    sampling at temperature 1: the median of `repeats` runs, after a short untimed warm-up run."""
+    device = str(next(model.parameters()).device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    prompt = torch.randint(model.config.vocab_size, (batch_size, 1), device=device, generator=gen)
+    times = []
+    with autocast(device, dtype):
+        model.generate(prompt, min(new_tokens, 8), use_cache=use_cache, generator=gen)
+        for _ in range(repeats):
+            synchronize(device)
+            t0 = time.perf_counter()
+            model.generate(prompt, new_tokens, use_cache=use_cache, generator=gen)
+            synchronize(device)
+            times.append(time.perf_counter() - t0)
+    return batch_size * new_tokens / statistics.median(times)
+
+
+def measure_generation(model: GPT, new_tokens: int, dtype: str, repeats: int) -> list[dict[str, Any]]:
+    """Tokens/s with and without the KV cache at each of GEN_BATCH_SIZES."""
+    rows = []
+    for batch_size in GEN_BATCH_SIZES:
+        rates = {
+            use_cache: generation_tokens_per_second(model, batch_size, new_tokens, use_cache, dtype, repeats)
+            for use_cache in (True, False)
+        }
+        rows.append(
+            {
+                "batch_size": batch_size,
+                "new_tokens": new_tokens,
+                "tokens_per_sec_kv_cache": rates[True],
+                "tokens_per_sec_recompute": rates[False],
+                "kv_cache_speedup": rates[True] / rates[False],
+            }
+        )
+    return rows
+
+
+def bench_setup(opts: BenchOptions, overrides: dict[str, Any]) -> tuple[GPT, TrainConfig, str]:
+    """(model, training config, where they came from): a checkpoint's, or a preset's model initialised as
+    training would (its vocabulary is that of the preset's dataset, prepared first if need be)."""
+    if opts.out_dir:
+        ckpt = load_checkpoint(opts.out_dir)
+        # the weights are in hand: where they first came from (init_from) no longer matters
+        saved = {**(ckpt.get("config") or {}), "init_from": "scratch"}
+        cfg = set_fields(TrainConfig(), saved, f"{opts.out_dir}'s training config")
+        return model_from_checkpoint(ckpt), set_fields(cfg, overrides, "command line"), opts.out_dir
+    cfg = set_fields(load_train_config([opts.config]), overrides, "command line")
+    meta = read_meta(dataset_dir(cfg, DistEnv()))
+    torch.manual_seed(cfg.seed)
+    return init_model(cfg, meta, None), cfg, f"preset {opts.config}"
+
+
+def run_bench(opts: BenchOptions, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Everything `nanogpt bench` reports, as one JSON-able dict."""
+    model, cfg, source = bench_setup(opts, overrides)
+    device = resolve_device(cfg.device)
+    dtype = str(resolve_dtype(cfg.dtype, device)).removeprefix("torch.")
+    compile = cfg.compile if cfg.compile is not None else device.startswith("cuda")  # as training decides
+    if cfg.block_size < model.config.block_size:
+        model.crop_block_size(cfg.block_size)
+    model.to(device)
+    peaks = {
+        name: matmul_peak_flops(device, DTYPES[name])
+        for name in dict.fromkeys(("float32", "bfloat16", dtype))
+    }
+    train_model = torch.compile(model) if compile else model  # generation below stays eager
+    train = measure_training(
+        train_model, model, cfg, device, dtype, opts.train_iters, opts.warmup_iters, peaks[dtype]
+    )
+    new_tokens = opts.new_tokens or model.config.block_size - 1
+    return {
+        "source": source,
+        "device": device,
+        "device_name": torch.cuda.get_device_name(device)
+        if device.startswith("cuda")
+        else platform.processor() or "cpu",
+        "threads": torch.get_num_threads(),
+        "dtype": dtype,
+        "compile": compile,
+        "model": {**asdict(model.config), "params": model.get_num_params()},
+        "batch_size": cfg.batch_size,
+        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        "peak_flops": peaks,
+        "peak_flops_source": "measured matmul",
+        "train": train,
+        "generate": measure_generation(model, new_tokens, dtype, opts.repeats),
+    }
+
+
+def format_report(r: dict[str, Any]) -> str:
+    m, t = r["model"], r["train"]
+    lines = [
+        f"{r['source']}: {m['params'] / 1e6:.2f}M params, {m['n_layer']} layers, n_embd {m['n_embd']}, "
+        f"block {m['block_size']}, vocab {m['vocab_size']} on {r['device_name']} ({r['threads']} threads), "
+        f"{r['dtype']}",
+        "peak (measured matmul): "
+        + ", ".join(f"{name} {flops / 1e12:.3f} TFLOP/s" for name, flops in r["peak_flops"].items()),
+        f"train: batch {r['batch_size']} x {r['gradient_accumulation_steps']} accum: {t['ms_per_iter']:.1f} "
+        f"ms/iter, {t['tokens_per_sec']:,.0f} tokens/s, MFU {100 * t['mfu']:.1f}%",
+        "",
+        "| batch | new tokens | tokens/s (KV cache) | tokens/s (recompute) | speedup |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {g['batch_size']} | {g['new_tokens']} | {g['tokens_per_sec_kv_cache']:,.0f} | "
+        f"{g['tokens_per_sec_recompute']:,.0f} | {g['kv_cache_speedup']:.2f}x |"
+        for g in r["generate"]
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    overrides = read_argv(
+        BenchOptions, argv, "usage: nanogpt bench [--key=value ...]  (+ any training config key)"
+    )
+    if overrides is None:
+        return 0
+    own, train_overrides = split_options(BenchOptions, overrides)
+    opts = set_fields(BenchOptions(), own, "command line")
+    # with --json, stdout carries the JSON alone: the progress lines of the steps go to stderr
+    with contextlib.redirect_stdout(sys.stderr if opts.json else sys.stdout):
+        report = run_bench(opts, train_overrides)
+    print(json.dumps(report) if opts.json else format_report(report))
+    return 0

@@ -1,0 +1,189 @@
+"""`nanogpt eval`: loss, perplexity and bits per character / byte of a model on a whole dataset split or
+a text file.
+
+    nanogpt eval --out_dir=out/shakespeare_char                   # its training dataset's val split
+    nanogpt eval --init_from=gpt2 --dataset=openwebtext --split=val --json
+    nanogpt eval --out_dir=out/shakespeare_char --file=hamlet.txt
+
+The text is read sequentially in windows of block_size tokens, each token after the first predicted
+exactly once. The loss is the mean over all those tokens (not a mean of batch means). Bits per byte
+(total nats / ln 2 / UTF-8 bytes of the text) is the figure that compares across tokenizers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from nanogpt.checkpoint import checkpoint_path
+from nanogpt.data.loader import load_split, read_meta, sequential_batches
+from nanogpt.data.tokenizers import tokenizer_from_meta
+from nanogpt.errors import NanoGPTError
+from nanogpt.model import GPT
+from nanogpt.sample import (
+    autocast,
+    check_dtype,
+    load_for_inference,
+    model_source,
+    parse_options,
+    resolve_device,
+)
+
+_DECODE_CHUNK = 1 << 20  # tokens decoded at once when counting the characters and bytes of the text
+
+
+@dataclass
+class EvalConfig:
+    init_from: str = "resume"  # "resume": the checkpoint in out_dir; or gpt2, gpt2-medium, ... or a HF folder
+    out_dir: str = "out"
+    dataset: str = ""  # a dataset prepared under data_dir; "": the checkpoint's training dataset
+    data_dir: str = "data"
+    split: str = "val"  # train, val or test
+    file: str = ""  # a text file to evaluate on instead of a dataset split
+    batch_size: int = 8
+    block_size: int = 0  # window length; 0: the model's block_size
+    max_tokens: int = 0  # evaluate on the first max_tokens tokens only (a fixed budget); 0: all of them
+    device: str = "auto"
+    dtype: str = "float32"  # float32, or bfloat16 / float16 through torch.autocast
+    compile: bool = False
+    json: bool = False  # print one JSON object instead of a table
+
+    def __post_init__(self):
+        check_dtype(self.dtype)
+        if self.batch_size < 1 or self.block_size < 0 or self.max_tokens < 0:
+            raise NanoGPTError("batch_size must be >= 1, block_size and max_tokens >= 0")
+        if self.dataset and self.file:
+            raise NanoGPTError("give either --dataset (with --split) or --file, not both")
+        if not (self.dataset or self.file or self.init_from == "resume"):
+            raise NanoGPTError(f"what to evaluate {self.init_from} on: give --dataset=NAME or --file=PATH")
+
+
+@torch.no_grad()
+def token_losses(
+    model: GPT, tokens: np.ndarray, block_size: int, batch_size: int, device: str, dtype: str = "float32"
+) -> tuple[float, int]:
+    """(sum of the next-token losses in nats, number of predicted tokens) over all of `tokens`."""
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = torch.zeros((), dtype=torch.long, device=device)
+    batches = sequential_batches(tokens, block_size, batch_size, device)
+    for x, y in tqdm(batches, desc="eval", unit="batch", disable=None, file=sys.stderr):
+        with autocast(device, dtype):
+            _, loss = model(x, y)  # mean over the targets != -1 (padding)
+        n = (y != -1).sum()
+        total += loss.double() * n
+        count += n
+    return total.item(), int(count.item())
+
+
+def text_size(tokens: np.ndarray, tokenizer: Any) -> tuple[int, int]:
+    """(characters, UTF-8 bytes) of the text `tokens` decode to. Decoded in chunks to bound memory; a
+    chunk edge inside a multi-byte character miscounts it by at most 2 bytes per million tokens."""
+    chars = n_bytes = 0
+    for start in range(0, len(tokens), _DECODE_CHUNK):
+        text = tokenizer.decode(tokens[start : start + _DECODE_CHUNK].tolist())
+        chars += len(text)
+        n_bytes += len(text.encode("utf-8"))
+    return chars, n_bytes
+
+
+def evaluate(
+    model: GPT,
+    tokenizer: Any,
+    tokens: np.ndarray,
+    batch_size: int = 8,
+    block_size: int = 0,
+    device: str = "cpu",
+    dtype: str = "float32",
+) -> dict[str, float | int]:
+    """Loss (nats per token), perplexity, bits per token, per character and per byte on `tokens`."""
+    if len(tokens) < 2:
+        raise NanoGPTError(f"need at least 2 tokens to evaluate (one to predict), got {len(tokens)}")
+    if int(tokens.max()) >= model.config.vocab_size:
+        raise NanoGPTError(
+            f"token id {int(tokens.max())} is outside the model's vocabulary of {model.config.vocab_size}: "
+            "was this text tokenized for another model?"
+        )
+    block_size = block_size or model.config.block_size
+    if block_size > model.config.block_size:
+        raise NanoGPTError(f"block_size {block_size} is longer than the model's {model.config.block_size}")
+    nats, n_tokens = token_losses(model, tokens, block_size, batch_size, device, dtype)
+    chars, n_bytes = text_size(tokens[1:], tokenizer)  # the first token is never predicted
+    bits = nats / math.log(2)
+    loss = nats / n_tokens
+    return {
+        "tokens": n_tokens,
+        "loss": loss,
+        "perplexity": math.exp(loss),
+        "bits_per_token": bits / n_tokens,
+        "bits_per_char": bits / chars,
+        "bits_per_byte": bits / n_bytes,
+    }
+
+
+def training_dataset(source: str) -> tuple[str, str]:
+    """(dataset, data_dir) a checkpoint was trained on, read from its saved training config (mmap: the
+    weights stay on disk)."""
+    ckpt = torch.load(checkpoint_path(source), map_location="cpu", mmap=True, weights_only=True)
+    config = ckpt.get("config") or {}
+    if not config.get("dataset"):
+        raise NanoGPTError(f"{source}: the checkpoint does not say its dataset; give --dataset or --file")
+    return config["dataset"], config.get("data_dir", "data")
+
+
+def eval_tokens(cfg: EvalConfig, tokenizer: Any) -> tuple[np.ndarray, str]:
+    """The tokens to evaluate on and a description of where they came from."""
+    if cfg.file:
+        path = Path(cfg.file)
+        if not path.is_file():
+            raise NanoGPTError(f"--file {cfg.file!r} not found")
+        tokens = np.asarray(tokenizer.encode(path.read_text(encoding="utf-8")), dtype=np.int64)
+        where = str(path)
+    else:
+        dataset, data_dir = (cfg.dataset, cfg.data_dir)
+        if not dataset:  # a checkpoint of ours: its training dataset
+            dataset, data_dir = training_dataset(cfg.out_dir)
+        folder = Path(data_dir) / dataset
+        meta = read_meta(folder)
+        if tokenizer_from_meta(meta["tokenizer"]).to_meta() != tokenizer.to_meta():
+            raise NanoGPTError(
+                f"dataset {folder} was tokenized with {meta['tokenizer']['name']!r} but the model uses "
+                f"{tokenizer.name!r} (or another vocabulary): prepare it with the model's tokenizer"
+            )
+        tokens = load_split(folder, cfg.split)
+        where = f"{folder} {cfg.split}"
+    return (tokens[: cfg.max_tokens] if cfg.max_tokens else tokens), where
+
+
+def format_table(result: dict[str, Any]) -> str:
+    rows = [
+        ("model", result["model"]),
+        ("data", f"{result['data']} ({result['tokens']:,} predicted tokens)"),
+        ("loss", f"{result['loss']:.4f} nats/token"),
+        ("perplexity", f"{result['perplexity']:.3f}"),
+        ("bits/token", f"{result['bits_per_token']:.4f}"),
+        ("bits/char", f"{result['bits_per_char']:.4f}"),
+        ("bits/byte", f"{result['bits_per_byte']:.4f}"),
+    ]
+    return "\n".join(f"{name:<12} {value}" for name, value in rows)
+
+
+def main(argv: list[str]) -> int:
+    cfg = parse_options(EvalConfig, argv, "usage: nanogpt eval [--key=value ...]")
+    if cfg is None:
+        return 0
+    device = resolve_device(cfg.device)
+    source = model_source(cfg.init_from, cfg.out_dir)
+    model, tokenizer = load_for_inference(source, device, cfg.compile)
+    tokens, where = eval_tokens(cfg, tokenizer)
+    metrics = evaluate(model, tokenizer, tokens, cfg.batch_size, cfg.block_size, device, cfg.dtype)
+    result = {"model": source, "data": where, "tokenizer": tokenizer.name, **metrics}
+    print(json.dumps(result) if cfg.json else format_table(result))
+    return 0

@@ -1,0 +1,172 @@
+"""`nanogpt experiment`: the research runner. Trains every seed on every dataset, one run after another
+in this process, and tabulates the results with their spread.
+
+    nanogpt experiment --datasets=shakespeare_char,enwik8,text8 --seeds=3 --out=runs/baseline --max_iters=2000
+
+Layout (one folder per run is the trainer's out_dir):
+    OUT/DATASET/seed_S/       ckpt.pt, metrics.jsonl, ... and final_info.json: final_train_loss,
+                              best_val_loss, total_train_time, avg_inference_tokens_per_second
+    OUT/all_results.json      every run's final info and its train / val log lines
+    OUT/final_info.json       per dataset: the mean and standard error of each metric over the seeds
+    OUT/results.md            the Markdown table printed at the end
+    OUT/val_loss.png          the val-loss curves of all runs, one panel per dataset
+
+Seeds are the training config's seed (the preset's, or --seed) plus 0, 1, ...: `nanogpt train ...
+--seed=S` reproduces OUT/DATASET/seed_S. Any other --key=value overrides every run's TrainConfig.
+The two JSON files keep the layout of the AI-Scientist nanoGPT template, so its tools read them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from nanogpt.bench import generation_tokens_per_second, split_options
+from nanogpt.checkpoint import load_model
+from nanogpt.config import set_fields
+from nanogpt.errors import NanoGPTError
+from nanogpt.sample import read_argv, resolve_device
+from nanogpt.train.config import TrainConfig, load_train_config
+from nanogpt.train.metrics import read_metrics
+from nanogpt.train.trainer import train
+
+METRICS = ("final_train_loss", "best_val_loss", "total_train_time", "avg_inference_tokens_per_second")
+
+
+@dataclass
+class ExperimentOptions:
+    """experiment's own options; every other --key=value overrides each run's TrainConfig."""
+
+    datasets: str = "shakespeare_char"  # comma-separated; the trainer prepares a known one not yet prepared
+    seeds: int = 3  # runs per dataset
+    out: str = "runs/experiment"
+    config: str = "shakespeare_char_cpu"  # the training preset (or TOML file) every run starts from
+    inference_tokens: int = 100  # tokens generated after training (batch 1, KV cache) for tokens/s
+
+    def __post_init__(self):
+        if self.seeds < 1 or self.inference_tokens < 1:
+            raise NanoGPTError(
+                f"seeds and inference_tokens must be >= 1, got {self.seeds}, {self.inference_tokens}"
+            )
+        if not self.dataset_names():
+            raise NanoGPTError("--datasets names no dataset")
+
+    def dataset_names(self) -> list[str]:
+        return [name.strip() for name in self.datasets.split(",") if name.strip()]
+
+
+def mean_and_stderr(values: list[float]) -> tuple[float, float | None]:
+    """Mean and standard error of the mean (sample std, ddof=1, / sqrt(n)); None for a single value."""
+    mean = statistics.fmean(values)
+    return mean, statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else None
+
+
+def train_and_val_logs(out_dir: Path) -> tuple[list[dict], list[dict]]:
+    """(log lines, eval lines) of a run's metrics.jsonl."""
+    lines = read_metrics(out_dir)
+    return [m for m in lines if "val_loss" not in m], [m for m in lines if "val_loss" in m]
+
+
+def run_one(cfg: TrainConfig, inference_tokens: int) -> dict[str, Any]:
+    """Train one run, time a short generation from its checkpoint, write out_dir/final_info.json."""
+    result = train(cfg)
+    model, _ = load_model(cfg.out_dir, resolve_device(cfg.device))
+    # float32 inference, like `nanogpt sample`'s default: comparable across runs and devices
+    tokens_per_sec = generation_tokens_per_second(model, 1, inference_tokens)
+    info = {name: result[name] for name in METRICS[:3]} | {"avg_inference_tokens_per_second": tokens_per_sec}
+    info |= {"dataset": cfg.dataset, "seed": cfg.seed, "iter_num": result["iter_num"]}
+    (Path(cfg.out_dir) / "final_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
+def aggregate(infos: dict[str, list[dict]]) -> dict[str, Any]:
+    """dataset -> {"means": {M_mean}, "stderrs": {M_stderr}, "final_info_dict": {M: [per run]}}."""
+    out = {}
+    for dataset, runs in infos.items():
+        values = {m: [run[m] for run in runs] for m in METRICS}
+        stats = {m: mean_and_stderr(v) for m, v in values.items()}
+        out[dataset] = {
+            "means": {f"{m}_mean": stats[m][0] for m in METRICS},
+            "stderrs": {f"{m}_stderr": stats[m][1] for m in METRICS},
+            "final_info_dict": values,
+        }
+    return out
+
+
+def markdown_table(final_info: dict[str, Any]) -> str:
+    header = "| dataset | runs | final train loss | best val loss | train time (s) | inference tokens/s |"
+    lines = [header, "|---|---:|---:|---:|---:|---:|"]
+    for dataset, agg in final_info.items():
+        cells = []
+        for m, digits in zip(METRICS, (4, 4, 1, 0), strict=True):
+            mean, stderr = agg["means"][f"{m}_mean"], agg["stderrs"][f"{m}_stderr"]
+            cells.append(f"{mean:.{digits}f}" + ("" if stderr is None else f" ± {stderr:.{digits}f}"))
+        lines.append(f"| {dataset} | {len(agg['final_info_dict'][METRICS[0]])} | {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
+def plot_val_loss(curves: dict[str, dict[int, list[dict]]], path: Path) -> None:
+    """One panel per dataset, one line per seed: val loss against iteration."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 4), squeeze=False)
+    for ax, (dataset, runs) in zip(axes[0], curves.items(), strict=True):
+        for seed, evals in runs.items():
+            ax.plot(
+                [e["iter"] for e in evals], [e["val_loss"] for e in evals], marker=".", label=f"seed {seed}"
+            )
+        ax.set(title=dataset, xlabel="iteration", ylabel="val loss")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_experiment(opts: ExperimentOptions, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Every run of the experiment, then the aggregate files; returns the aggregate (final_info.json)."""
+    base = set_fields(load_train_config([opts.config]), overrides, "command line")
+    out = Path(opts.out)
+    infos: dict[str, list[dict]] = {}
+    curves: dict[str, dict[int, list[dict]]] = {}
+    all_results: dict[str, Any] = {}
+    for dataset in opts.dataset_names():
+        for seed in range(base.seed, base.seed + opts.seeds):
+            run_dir = out / dataset / f"seed_{seed}"
+            print(f"=== experiment: {dataset}, seed {seed} -> {run_dir}")
+            cfg = set_fields(base, {"dataset": dataset, "seed": seed, "out_dir": str(run_dir)}, "experiment")
+            info = run_one(cfg, opts.inference_tokens)
+            train_log, val_log = train_and_val_logs(run_dir)
+            infos.setdefault(dataset, []).append(info)
+            curves.setdefault(dataset, {})[seed] = val_log
+            all_results[f"{dataset}_{seed}_final_info"] = info
+            all_results[f"{dataset}_{seed}_train_info"] = train_log
+            all_results[f"{dataset}_{seed}_val_info"] = val_log
+    final_info = aggregate(infos)
+    table = markdown_table(final_info)
+    (out / "all_results.json").write_text(json.dumps(all_results, indent=2) + "\n")
+    (out / "final_info.json").write_text(json.dumps(final_info, indent=2) + "\n")
+    (out / "results.md").write_text(table + "\n")
+    plot_val_loss(curves, out / "val_loss.png")
+    print(f"\n{table}\n\nresults in {out}/: final_info.json, all_results.json, results.md, val_loss.png")
+    return final_info
+
+
+def main(argv: list[str]) -> int:
+    title = "usage: nanogpt experiment [--key=value ...]  (+ any training config key, applied to every run)"
+    overrides = read_argv(ExperimentOptions, argv, title)
+    if overrides is None:
+        return 0
+    own, train_overrides = split_options(ExperimentOptions, overrides)
+    for key, instead in (("dataset", "--datasets"), ("out_dir", "--out")):
+        if key in train_overrides:
+            raise NanoGPTError(f"the experiment sets each run's {key}: use {instead}")
+    run_experiment(set_fields(ExperimentOptions(), own, "command line"), train_overrides)
+    return 0

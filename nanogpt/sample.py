@@ -1,0 +1,209 @@
+"""`nanogpt sample`: generate text from a training out_dir, GPT-2 weights or a local HF GPT-2 folder,
+printed to the terminal token by token as it is generated.
+
+    nanogpt sample --out_dir=out/shakespeare_char --start="ROMEO:" --num_samples=3
+    nanogpt sample --init_from=gpt2 --start=FILE:prompt.txt --top_p=0.9
+
+Also home of what the other inference commands (eval, bench) share: option parsing, the device, the
+precision context and where the model comes from.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO, TypeVar
+
+import torch
+
+from nanogpt.checkpoint import load_model
+from nanogpt.config import help_text, parse_overrides, set_fields
+from nanogpt.errors import NanoGPTError
+from nanogpt.model import GPT
+
+C = TypeVar("C")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class SampleConfig:
+    init_from: str = "resume"  # "resume": the checkpoint in out_dir; or gpt2, gpt2-medium, ... or a HF folder
+    out_dir: str = "out"
+    start: str = "\n"  # the prompt, or "FILE:path" to read it from a file
+    num_samples: int = 10
+    max_new_tokens: int = 500
+    temperature: float = 0.8  # 1.0: the model's own distribution, < 1 sharper, 0 greedy
+    top_k: int | None = 200  # sample from the k likeliest tokens only
+    top_p: float | None = None  # nucleus sampling: the smallest set of tokens whose probability reaches p
+    seed: int = 1337
+    device: str = "auto"  # auto (cuda > mps > cpu) | cpu | cuda | cuda:1 | mps
+    dtype: str = "float32"  # float32, or bfloat16 / float16 through torch.autocast
+    compile: bool = False  # torch.compile the model (pays off for long or many samples on a GPU)
+    stop_at_eot: bool = True  # end a sample at the end-of-text token (GPT-2's <|endoftext|>), if any
+
+    def __post_init__(self):
+        check_dtype(self.dtype)
+        if self.num_samples < 1 or self.max_new_tokens < 0:
+            raise NanoGPTError(
+                f"num_samples must be >= 1 and max_new_tokens >= 0, got {self.num_samples}, {self.max_new_tokens}"
+            )
+        if self.temperature < 0:
+            raise NanoGPTError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise NanoGPTError(f"top_k must be >= 1 or None, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise NanoGPTError(f"top_p must be in (0, 1] or None, got {self.top_p}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# shared by the inference commands
+
+
+def read_argv(cls: type, argv: list[str], title: str) -> dict[str, Any] | None:
+    """The `--key=value` overrides in argv; None after printing the options of dataclass `cls` for --help."""
+    if "-h" in argv or "--help" in argv:
+        print(help_text(cls, title))
+        return None
+    positionals, overrides = parse_overrides(argv)
+    if positionals:
+        raise NanoGPTError(f"unexpected argument(s) {positionals}: options are written --key=value")
+    return overrides
+
+
+def parse_options(cls: type[C], argv: list[str], title: str) -> C | None:
+    """`--key=value` arguments -> an instance of dataclass `cls`; None after printing help for --help."""
+    overrides = read_argv(cls, argv, title)
+    return None if overrides is None else set_fields(cls(), overrides, "command line")
+
+
+def check_dtype(dtype: str) -> None:
+    if dtype not in DTYPES:
+        raise NanoGPTError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+
+
+def resolve_device(device: str) -> str:
+    """ "auto" -> cuda, else mps, else cpu (as training does); a device that is not there is an error."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise NanoGPTError(f"unknown device {device!r}: use cpu, cuda, cuda:N, mps or auto") from None
+    if (kind == "cuda" and not torch.cuda.is_available()) or (
+        kind == "mps" and not torch.backends.mps.is_available()
+    ):
+        raise NanoGPTError(f"device {device!r} is not available on this machine: use --device=cpu")
+    return device
+
+
+def autocast(device: str, dtype: str) -> contextlib.AbstractContextManager:
+    """The precision context for forward passes: plain float32, or mixed precision via torch.autocast."""
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=DTYPES[dtype])
+
+
+def model_source(init_from: str, out_dir: str) -> str:
+    return out_dir if init_from == "resume" else init_from
+
+
+def load_for_inference(source: str, device: str, compile: bool) -> tuple[GPT, Any]:
+    """(model, tokenizer) in eval mode on `device`, compiled in place if asked (so model.generate and
+    every other method that calls the model use the compiled forward)."""
+    model, tokenizer = load_model(source, device)
+    if compile:
+        model.compile()
+    return model, tokenizer
+
+
+# ---------------------------------------------------------------------------------------------------------
+# sampling
+
+
+def read_prompt(start: str) -> str:
+    if not start.startswith("FILE:"):
+        return start
+    path = Path(start[len("FILE:") :])
+    if not path.is_file():
+        raise NanoGPTError(f"prompt file {str(path)!r} not found (--start=FILE:path)")
+    return path.read_text(encoding="utf-8")
+
+
+def encode_prompt(text: str, tokenizer: Any, block_size: int) -> list[int]:
+    """The prompt's token ids: at least one (the end-of-text token stands in for an empty prompt) and at
+    most block_size (the last ones: the model cannot see further back)."""
+    ids = tokenizer.encode(text)  # a char tokenizer names a character it lacks and where it is
+    if not ids:
+        if tokenizer.eot is None:
+            raise NanoGPTError("the prompt is empty: give at least one character with --start")
+        ids = [tokenizer.eot]
+    if len(ids) > block_size:
+        print(
+            f"note: the prompt is {len(ids)} tokens, longer than the model's block_size {block_size}: "
+            f"keeping its last {block_size} tokens",
+            file=sys.stderr,
+        )
+        ids = ids[-block_size:]
+    return ids
+
+
+def stream_text(
+    model: GPT, tokenizer: Any, prompt_ids: list[int], cfg: SampleConfig, generator: torch.Generator
+) -> Iterator[str]:
+    """Yield one sample's new text piece by piece as its tokens are generated.
+
+    Each step decodes all new ids and yields the new suffix: a BPE token can hold part of a multi-byte
+    character, which decodes to U+FFFD until the rest arrives, so such an ending is held back."""
+    device = next(model.parameters()).device
+    idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, T)
+    ids: list[int] = []
+    shown = 0
+    steps = model.generate_stream(
+        idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, generator=generator
+    )
+    for token in steps:
+        token_id = int(token)
+        if cfg.stop_at_eot and token_id == tokenizer.eot:
+            break
+        ids.append(token_id)
+        text = tokenizer.decode(ids)
+        if not text.endswith("\ufffd"):
+            yield text[shown:]
+            shown = len(text)
+    text = tokenizer.decode(ids)
+    if len(text) > shown:
+        yield text[shown:]
+
+
+def sample(cfg: SampleConfig, out: TextIO | None = None) -> list[str]:
+    """Write cfg.num_samples samples (prompt + continuation) to `out` (default stdout) as they are
+    generated; return the continuations."""
+    out = out or sys.stdout
+    device = resolve_device(cfg.device)
+    model, tokenizer = load_for_inference(model_source(cfg.init_from, cfg.out_dir), device, cfg.compile)
+    prompt_ids = encode_prompt(read_prompt(cfg.start), tokenizer, model.config.block_size)
+    prompt = tokenizer.decode(prompt_ids)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    samples = []
+    with autocast(device, cfg.dtype):
+        for _ in range(cfg.num_samples):
+            out.write(prompt)
+            pieces = []
+            for piece in stream_text(model, tokenizer, prompt_ids, cfg, generator):
+                out.write(piece)
+                out.flush()
+                pieces.append(piece)
+            out.write("\n---------------\n")
+            samples.append("".join(pieces))
+    return samples
+
+
+def main(argv: list[str]) -> int:
+    cfg = parse_options(SampleConfig, argv, "usage: nanogpt sample [--key=value ...]")
+    if cfg is not None:
+        sample(cfg)
+    return 0

@@ -1,0 +1,79 @@
+"""`nanogpt bench`: its JSON report on a tiny preset-derived model and on a checkpoint, and the
+generation timer that the experiment runner and benchmarks/ share."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from nanogpt import GPT, GPTConfig
+from nanogpt.bench import generation_tokens_per_second
+from nanogpt.checkpoint import save_checkpoint
+from nanogpt.cli import main as cli
+
+TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=2"]
+QUICK = ["--train_iters=2", "--warmup_iters=1", "--repeats=1", "--device=cpu", "--json"]
+
+
+def positive_numbers(report: dict) -> None:
+    for key in ("ms_per_iter", "tokens_per_sec", "mfu", "tokens_per_iter"):
+        assert report["train"][key] > 0, key
+    assert report["peak_flops"]["float32"] > 0 and report["peak_flops"]["bfloat16"] > 0
+    assert [g["batch_size"] for g in report["generate"]] == [1, 8]
+    for g in report["generate"]:
+        for key in ("new_tokens", "tokens_per_sec_kv_cache", "tokens_per_sec_recompute", "kv_cache_speedup"):
+            assert g[key] > 0, key
+
+
+def test_bench_a_preset(sources_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("NANOGPT_DATA_SOURCES", str(sources_dir))
+    assert cli(["bench", "--config=shakespeare_char_cpu", f"--data_dir={tmp_path}", *TINY, *QUICK]) == 0
+    out = capsys.readouterr().out
+    report = json.loads(out)  # stdout is the JSON alone: progress lines went to stderr
+    positive_numbers(report)
+    assert report["model"]["vocab_size"] == 65 and report["model"]["n_layer"] == 1
+    assert report["train"]["tokens_per_iter"] == 2 * 16
+    assert report["generate"][0]["new_tokens"] == 15  # fills the 16-token window after a 1-token prompt
+
+
+def test_bench_a_checkpoint(tmp_path, capsys):
+    model = GPT(GPTConfig(block_size=32, vocab_size=50, n_layer=1, n_head=2, n_embd=16))
+    config = {
+        "dataset": "somewhere_else",
+        "batch_size": 3,
+        "gradient_accumulation_steps": 2,
+        "init_from": "gpt2",
+    }
+    ckpt = {"model": model.state_dict(), "model_args": vars(model.config), "config": config}
+    save_checkpoint(ckpt, tmp_path)
+    assert cli(["bench", f"--out_dir={tmp_path}", "--new_tokens=5", *QUICK]) == 0
+    report = json.loads(capsys.readouterr().out)
+    positive_numbers(report)
+    assert report["train"]["tokens_per_iter"] == 3 * 32 * 2 and report["model"]["vocab_size"] == 50
+    assert report["generate"][1]["new_tokens"] == 5
+
+
+def test_unknown_option_is_reported(capsys):
+    assert cli(["bench", "--train_iter=3"]) == 1
+    assert "train_iters" in capsys.readouterr().err  # the did-you-mean hint
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_generation_timer_counts_all_sequences(use_cache, monkeypatch):
+    """tokens/s = batch x new tokens / the median wall time of the generate() runs."""
+    model = GPT(GPTConfig(block_size=16, vocab_size=10, n_layer=1, n_head=1, n_embd=8)).eval()
+    calls = []
+    real_generate = model.generate
+
+    def generate(idx, max_new_tokens, **kwargs):
+        calls.append((idx.shape, max_new_tokens, kwargs["use_cache"]))
+        return real_generate(idx, max_new_tokens, **kwargs)
+
+    monkeypatch.setattr(model, "generate", generate)
+    clock = iter([0.0, 2.0, 10.0, 11.0, 20.0, 24.0])  # three timed runs: 2 s, 1 s, 4 s -> median 2 s
+    monkeypatch.setattr("nanogpt.bench.time.perf_counter", lambda: next(clock))
+    assert generation_tokens_per_second(model, 4, 12, use_cache, repeats=3) == pytest.approx(4 * 12 / 2.0)
+    assert calls[0] == (torch.Size([4, 1]), 8, use_cache)  # the untimed warm-up
+    assert calls[1:] == [(torch.Size([4, 1]), 12, use_cache)] * 3

@@ -1,0 +1,96 @@
+"""`nanogpt experiment`: 2 seeds of a tiny config write every file, and the aggregates are the mean and
+standard error of the per-run values."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+
+import numpy as np
+import pytest
+
+from nanogpt.cli import main as cli
+from nanogpt.experiment import METRICS, mean_and_stderr
+
+TINY = [
+    "--n_layer=1",
+    "--n_head=2",
+    "--n_embd=32",
+    "--block_size=16",
+    "--batch_size=4",
+    "--max_iters=12",
+    "--eval_interval=6",
+    "--eval_iters=2",
+    "--warmup_iters=2",
+    "--lr_decay_iters=12",
+    "--log_interval=4",
+    "--progress=plain",
+]
+
+
+@pytest.fixture(scope="module")
+def experiment(sources_dir, tmp_path_factory):
+    """(out folder, stdout) of a 2-seed experiment on shakespeare_char, the dataset prepared on the way."""
+    tmp = tmp_path_factory.mktemp("experiment")
+    args = ["--datasets=shakespeare_char", "--seeds=2", f"--out={tmp / 'runs'}", f"--data_dir={tmp / 'data'}"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NANOGPT_DATA_SOURCES", str(sources_dir))
+        with contextlib.redirect_stdout(io.StringIO()) as out:
+            assert cli(["experiment", *args, "--inference_tokens=8", "--seed=5", *TINY]) == 0
+    return tmp / "runs", out.getvalue()
+
+
+def test_every_run_writes_its_final_info(experiment):
+    experiment, _ = experiment
+    for seed in (5, 6):  # the base seed (--seed) and the next
+        run = experiment / "shakespeare_char" / f"seed_{seed}"
+        info = json.loads((run / "final_info.json").read_text())
+        assert info["seed"] == seed and info["dataset"] == "shakespeare_char" and info["iter_num"] == 12
+        for m in METRICS:
+            assert math.isfinite(info[m]) and info[m] > 0, m
+        assert info["best_val_loss"] < math.log(65) + 0.1  # a real (if short) training run
+        assert (run / "ckpt.pt").is_file() and (run / "metrics.jsonl").is_file()
+
+
+def test_aggregates_are_mean_and_standard_error(experiment):
+    experiment, _ = experiment
+    runs = [
+        json.loads((experiment / "shakespeare_char" / f"seed_{s}" / "final_info.json").read_text())
+        for s in (5, 6)
+    ]
+    agg = json.loads((experiment / "final_info.json").read_text())["shakespeare_char"]
+    for m in METRICS:
+        values = np.array([r[m] for r in runs])
+        assert agg["final_info_dict"][m] == values.tolist()
+        assert agg["means"][f"{m}_mean"] == pytest.approx(values.mean(), rel=1e-12)
+        assert agg["stderrs"][f"{m}_stderr"] == pytest.approx(values.std(ddof=1) / math.sqrt(2), rel=1e-12)
+    assert runs[0]["final_train_loss"] != runs[1]["final_train_loss"]  # the seeds differ
+
+
+def test_all_results_table_and_plot(experiment):
+    experiment, stdout = experiment
+    results = json.loads((experiment / "all_results.json").read_text())
+    assert set(results) == {
+        f"shakespeare_char_{s}_{kind}" for s in (5, 6) for kind in ("final_info", "train_info", "val_info")
+    }
+    assert [e["iter"] for e in results["shakespeare_char_5_val_info"]] == [0, 6, 12]
+    assert all("loss" in line for line in results["shakespeare_char_5_train_info"])
+    table = (experiment / "results.md").read_text().splitlines()
+    assert table[0].startswith("| dataset | runs |") and table[2].startswith("| shakespeare_char | 2 |")
+    assert "±" in table[2] and "\n".join(table) in stdout  # the table is printed too
+    assert (experiment / "val_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_mean_and_stderr():
+    assert mean_and_stderr([1.0, 2.0, 3.0]) == pytest.approx((2.0, 1.0 / math.sqrt(3)))
+    assert mean_and_stderr([4.0]) == (4.0, None)  # undefined for one run: null in the JSON
+
+
+@pytest.mark.parametrize(
+    "arg, message", [("--dataset=text8", "--datasets"), ("--seeds=0", "seeds"), ("--max_iter=3", "max_iters")]
+)
+def test_bad_options(arg, message, capsys):
+    assert cli(["experiment", arg]) == 1
+    assert message in capsys.readouterr().err

@@ -1,0 +1,167 @@
+"""`nanogpt sample`: determinism for a seed, streaming equal to GPT.generate, BPE streaming that never
+breaks a character, and clear errors for bad prompts and bad checkpoints."""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import asdict
+
+import pytest
+import torch
+
+from nanogpt import GPT, GPTConfig
+from nanogpt.checkpoint import save_checkpoint
+from nanogpt.cli import main as cli
+from nanogpt.data.tokenizers import CharTokenizer, get_tokenizer
+from nanogpt.errors import NanoGPTError
+from nanogpt.sample import SampleConfig, encode_prompt, sample, stream_text
+
+TINY = dict(block_size=32, n_layer=2, n_head=2, n_embd=32)
+
+
+@pytest.fixture(scope="module")
+def char_ckpt(shakespeare_text, tmp_path_factory):
+    """out_dir of a tiny character model trained for 80 steps on tiny Shakespeare (about a second)."""
+    tok = CharTokenizer.from_text(shakespeare_text)
+    data = torch.tensor(tok.encode(shakespeare_text[:100_000]))
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, **TINY))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(80):
+        starts = torch.randint(len(data) - 33, (16,))
+        x = torch.stack([data[s : s + 32] for s in starts])
+        y = torch.stack([data[s + 1 : s + 33] for s in starts])
+        _, loss = model(x, y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 3.0 < losses[0]  # it learnt something (ln 65 = 4.17 at chance)
+    out_dir = tmp_path_factory.mktemp("char_model")
+    ckpt = {"model": model.state_dict(), "model_args": asdict(model.config), "tokenizer": tok.to_meta()}
+    save_checkpoint(ckpt, out_dir)
+    return out_dir
+
+
+def run_sample(out_dir, **options) -> str:
+    out = io.StringIO()
+    cfg = SampleConfig(
+        out_dir=str(out_dir), device="cpu", **{"num_samples": 2, "max_new_tokens": 40, **options}
+    )
+    sample(cfg, out)
+    return out.getvalue()
+
+
+def test_sampling_is_deterministic_for_a_seed_and_decodes_to_text(char_ckpt, shakespeare_text):
+    first = run_sample(char_ckpt, start="ROMEO:", seed=7)
+    assert run_sample(char_ckpt, start="ROMEO:", seed=7) == first
+    assert run_sample(char_ckpt, start="ROMEO:", seed=8) != first
+    samples = first.split("\n---------------\n")[:-1]
+    assert len(samples) == 2 and samples[0] != samples[1]
+    for s in samples:
+        assert s.startswith("ROMEO:") and len(s) == len("ROMEO:") + 40  # one character per token
+        assert set(s) <= set(shakespeare_text)
+
+
+def test_streamed_text_equals_generate(char_ckpt):
+    """The streamed pieces join to exactly what GPT.generate returns for the same generator seed."""
+    from nanogpt.checkpoint import load_model
+
+    model, tok = load_model(char_ckpt)
+    cfg = SampleConfig(max_new_tokens=50, temperature=0.9, top_k=20)  # 50 > block_size: the sliding phase too
+    prompt = tok.encode("KING:")
+    pieces = list(stream_text(model, tok, prompt, cfg, torch.Generator().manual_seed(3)))
+    ref = model.generate(
+        torch.tensor([prompt]), 50, 0.9, top_k=20, generator=torch.Generator().manual_seed(3)
+    )
+    assert len(pieces) == 50
+    assert "".join(pieces) == tok.decode(ref[0, len(prompt) :].tolist())
+
+
+class ScriptedModel(torch.nn.Module):
+    """Stands in for GPT: generate_stream yields a fixed list of token ids."""
+
+    def __init__(self, ids: list[int]):
+        super().__init__()
+        self.ids = ids
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # stream_text reads the device from a parameter
+
+    def generate_stream(self, idx, max_new_tokens, *args, **kwargs):
+        yield from (torch.tensor([[i]]) for i in self.ids[:max_new_tokens])
+
+
+def test_bpe_streaming_never_splits_a_character_and_stops_at_eot():
+    tok = get_tokenizer("gpt2")
+    ids = tok.encode("a😀b é") + [tok.eot] + tok.encode("never shown")
+    assert len(tok.encode("😀")) > 1  # the emoji spans two tokens: the case under test
+    model = ScriptedModel(ids)
+    pieces = list(stream_text(model, tok, [0], SampleConfig(max_new_tokens=len(ids)), torch.Generator()))
+    assert "".join(pieces) == "a😀b é"
+    assert not any("\ufffd" in p for p in pieces)
+    everything = SampleConfig(max_new_tokens=len(ids), stop_at_eot=False)
+    assert "".join(stream_text(model, tok, [0], everything, torch.Generator())).endswith("never shown")
+
+
+def test_prompt_from_file(char_ckpt, tmp_path):
+    (tmp_path / "prompt.txt").write_text("JULIET:\nO Romeo", encoding="utf-8")
+    text = run_sample(char_ckpt, start=f"FILE:{tmp_path / 'prompt.txt'}", num_samples=1, max_new_tokens=5)
+    assert text.startswith("JULIET:\nO Romeo")
+
+
+def test_prompt_longer_than_block_size_keeps_its_end(char_ckpt, capsys):
+    prompt = "".join("abcdefghij"[i % 10] for i in range(100))
+    text = run_sample(char_ckpt, start=prompt, num_samples=1, max_new_tokens=3)
+    assert text.startswith(prompt[-32:]) and not text.startswith(prompt[-33:])
+    assert "100 tokens" in capsys.readouterr().err
+
+
+def test_empty_prompt_without_eot_is_an_error():
+    with pytest.raises(NanoGPTError, match="prompt is empty"):
+        encode_prompt("", CharTokenizer("ab"), 8)
+    assert encode_prompt("", get_tokenizer("gpt2"), 8) == [50256]
+
+
+def test_unknown_character_is_named_by_the_cli(char_ckpt, capsys):
+    assert cli(["sample", f"--out_dir={char_ckpt}", "--start=ROMEO ☃ says", "--device=cpu"]) == 1
+    err = capsys.readouterr().err
+    assert "'☃'" in err and "position 6" in err and "Traceback" not in err
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
+    assert cli(["sample", f"--out_dir={tmp_path / 'nothing'}", "--device=cpu"]) == 1
+    assert "no checkpoint at" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_damaged_checkpoint_is_a_clear_error(char_ckpt, tmp_path, capsys, damage):
+    good = (char_ckpt / "ckpt.pt").read_bytes()
+    (tmp_path / "ckpt.pt").write_bytes(os.urandom(1000) if damage == "garbage" else good[: len(good) // 2])
+    assert cli(["sample", f"--out_dir={tmp_path}", "--device=cpu"]) == 1
+    assert "damaged or not a nanogpt checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "arg, message",
+    [
+        ("--temperature=-1", "temperature"),
+        ("--top_p=1.5", "top_p"),
+        ("--dtype=float8", "dtype"),
+        ("--topk=3", "top_k"),
+    ],
+)
+def test_bad_options_are_clear_errors(arg, message, capsys):
+    assert cli(["sample", arg]) == 1
+    assert message in capsys.readouterr().err
+
+
+def test_samples_a_local_hf_folder(tmp_path, monkeypatch):
+    pytest.importorskip("transformers")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from nanogpt.hf import export
+
+    torch.manual_seed(0)
+    export(GPT(GPTConfig(vocab_size=50257, block_size=64, n_layer=1, n_head=2, n_embd=32)), tmp_path / "hf")
+    text = run_sample("", init_from=str(tmp_path / "hf"), start="Hello", num_samples=1, stop_at_eot=False)
+    assert text.startswith("Hello") and len(text) > len("Hello")
