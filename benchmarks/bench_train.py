@@ -26,7 +26,7 @@ import torch
 from torch.nn import functional as F
 
 from nanogpt import GPT, GPTConfig
-from nanogpt.bench import matmul_peak_flops
+from nanogpt.device import matmul_peak_flops
 
 BASE = dict(vocab_size=65, n_layer=4, n_head=4, n_embd=128, dropout=0.0, bias=False)  # shakespeare_char_cpu
 

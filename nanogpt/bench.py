@@ -27,14 +27,14 @@ from typing import Any
 import torch
 
 from nanogpt.checkpoint import load_checkpoint, model_from_checkpoint
-from nanogpt.config import set_fields
+from nanogpt.config import read_argv, set_fields
 from nanogpt.data.loader import read_meta
+from nanogpt.device import DTYPES, autocast, matmul_peak_flops, resolve_device, resolve_dtype, synchronize
 from nanogpt.errors import NanoGPTError
 from nanogpt.model import GPT
-from nanogpt.sample import DTYPES, autocast, read_argv, resolve_device
 from nanogpt.train.config import TrainConfig, load_train_config
 from nanogpt.train.distributed import DistEnv
-from nanogpt.train.trainer import dataset_dir, init_model, resolve_dtype
+from nanogpt.train.trainer import dataset_dir, init_model
 
 GEN_BATCH_SIZES = (1, 8)
 
@@ -68,27 +68,6 @@ def split_options(cls: type, overrides: dict[str, Any]) -> tuple[dict[str, Any],
     return {k: v for k, v in overrides.items() if k in own}, {
         k: v for k, v in overrides.items() if k not in own
     }
-
-
-def synchronize(device: str) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def matmul_peak_flops(device: str, dtype: torch.dtype, repeats: int = 5) -> float:
-    """FLOP/s of the fastest of `repeats` square matmuls, large enough to reach the device's peak."""
-    n = 8192 if torch.device(device).type == "cuda" else 1024
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    a @ b  # warm up: library dispatch, thread pool, clocks
-    best = float("inf")
-    for _ in range(repeats):
-        synchronize(device)
-        t0 = time.perf_counter()
-        a @ b
-        synchronize(device)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
 
 
 def measure_training(
@@ -204,7 +183,7 @@ def run_bench(opts: BenchOptions, overrides: dict[str, Any]) -> dict[str, Any]:
     """Everything `nanogpt bench` reports, as one JSON-able dict."""
     model, cfg, source = bench_setup(opts, overrides)
     device = resolve_device(cfg.device)
-    dtype = str(resolve_dtype(cfg.dtype, device)).removeprefix("torch.")
+    dtype = resolve_dtype(cfg.dtype, device)
     compile = cfg.compile if cfg.compile is not None else device.startswith("cuda")  # as training decides
     if cfg.block_size < model.config.block_size:
         model.crop_block_size(cfg.block_size)

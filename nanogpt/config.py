@@ -1,7 +1,7 @@
 """Typed configs from dataclass defaults + a TOML file + `--key=value` overrides (nanoGPT's syntax, no exec).
 
-Every command (train, sample, eval, bench, experiment) describes its options as a dataclass and calls
-`parse_config`; the dataclass is the one source of truth for names, types and defaults.
+Every command (train, sample, eval, bench, experiment) describes its options as a dataclass and reads
+them with `parse_options` (or `read_argv` + `set_fields`); the dataclass is the one source of truth for names, types and defaults.
 """
 
 from __future__ import annotations
@@ -149,3 +149,20 @@ def help_text(cls: type, title: str) -> str:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         lines.append(f"  --{f.name}={default!r}  ({_type_name(types_[f.name])})")
     return "\n".join(lines)
+
+
+def read_argv(cls: type, argv: list[str], title: str) -> dict[str, Any] | None:
+    """The `--key=value` overrides in argv; None after printing the options of dataclass `cls` for --help."""
+    if "-h" in argv or "--help" in argv:
+        print(help_text(cls, title))
+        return None
+    positionals, overrides = parse_overrides(argv)
+    if positionals:
+        raise NanoGPTError(f"unexpected argument(s) {positionals}: options are written --key=value")
+    return overrides
+
+
+def parse_options(cls: type[C], argv: list[str], title: str) -> C | None:
+    """`--key=value` arguments -> an instance of dataclass `cls`; None after printing help for --help."""
+    overrides = read_argv(cls, argv, title)
+    return None if overrides is None else set_fields(cls(), overrides, "command line")

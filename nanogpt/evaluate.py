@@ -24,18 +24,13 @@ import torch
 from tqdm import tqdm
 
 from nanogpt.checkpoint import checkpoint_path
+from nanogpt.config import parse_options
 from nanogpt.data.loader import load_split, read_meta, sequential_batches
 from nanogpt.data.tokenizers import tokenizer_from_meta
+from nanogpt.device import autocast, check_dtype, resolve_device
 from nanogpt.errors import NanoGPTError
 from nanogpt.model import GPT
-from nanogpt.sample import (
-    autocast,
-    check_dtype,
-    load_for_inference,
-    model_source,
-    parse_options,
-    resolve_device,
-)
+from nanogpt.sample import load_for_inference, model_source
 
 _DECODE_CHUNK = 1 << 20  # tokens decoded at once when counting the characters and bytes of the text
 

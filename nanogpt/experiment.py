@@ -27,9 +27,9 @@ from typing import Any
 
 from nanogpt.bench import generation_tokens_per_second, split_options
 from nanogpt.checkpoint import load_model
-from nanogpt.config import set_fields
+from nanogpt.config import read_argv, set_fields
+from nanogpt.device import resolve_device
 from nanogpt.errors import NanoGPTError
-from nanogpt.sample import read_argv, resolve_device
 from nanogpt.train.config import TrainConfig, load_train_config
 from nanogpt.train.metrics import read_metrics
 from nanogpt.train.trainer import train

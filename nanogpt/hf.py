@@ -47,7 +47,13 @@ def load_gpt2(name_or_path: str, override_args: dict | None = None) -> GPT:
         )
     transformers = _transformers()
     print(f"loading weights from pretrained gpt: {name_or_path}")
-    hf_model = transformers.GPT2LMHeadModel.from_pretrained(name_or_path)
+    try:
+        hf_model = transformers.GPT2LMHeadModel.from_pretrained(name_or_path)
+    except OSError as e:  # offline without a cached copy, or a folder without weights
+        raise NanoGPTError(
+            f"could not load GPT-2 weights {name_or_path!r}: {e}. Hub names need the network once (then "
+            "they are cached); a local folder needs config.json and model.safetensors"
+        ) from None
     hf_cfg = hf_model.config
     if hf_cfg.activation_function not in GELU_OF_HF:
         raise NanoGPTError(

@@ -10,7 +10,6 @@ precision context and where the model comes from.
 
 from __future__ import annotations
 
-import contextlib
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,13 +19,12 @@ from typing import Any, TextIO, TypeVar
 import torch
 
 from nanogpt.checkpoint import load_model
-from nanogpt.config import help_text, parse_overrides, set_fields
+from nanogpt.config import parse_options
+from nanogpt.device import autocast, check_dtype, resolve_device
 from nanogpt.errors import NanoGPTError
 from nanogpt.model import GPT
 
 C = TypeVar("C")
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -61,50 +59,6 @@ class SampleConfig:
 
 # ---------------------------------------------------------------------------------------------------------
 # shared by the inference commands
-
-
-def read_argv(cls: type, argv: list[str], title: str) -> dict[str, Any] | None:
-    """The `--key=value` overrides in argv; None after printing the options of dataclass `cls` for --help."""
-    if "-h" in argv or "--help" in argv:
-        print(help_text(cls, title))
-        return None
-    positionals, overrides = parse_overrides(argv)
-    if positionals:
-        raise NanoGPTError(f"unexpected argument(s) {positionals}: options are written --key=value")
-    return overrides
-
-
-def parse_options(cls: type[C], argv: list[str], title: str) -> C | None:
-    """`--key=value` arguments -> an instance of dataclass `cls`; None after printing help for --help."""
-    overrides = read_argv(cls, argv, title)
-    return None if overrides is None else set_fields(cls(), overrides, "command line")
-
-
-def check_dtype(dtype: str) -> None:
-    if dtype not in DTYPES:
-        raise NanoGPTError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-
-
-def resolve_device(device: str) -> str:
-    """ "auto" -> cuda, else mps, else cpu (as training does); a device that is not there is an error."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    try:
-        kind = torch.device(device).type
-    except RuntimeError:
-        raise NanoGPTError(f"unknown device {device!r}: use cpu, cuda, cuda:N, mps or auto") from None
-    if (kind == "cuda" and not torch.cuda.is_available()) or (
-        kind == "mps" and not torch.backends.mps.is_available()
-    ):
-        raise NanoGPTError(f"device {device!r} is not available on this machine: use --device=cpu")
-    return device
-
-
-def autocast(device: str, dtype: str) -> contextlib.AbstractContextManager:
-    """The precision context for forward passes: plain float32, or mixed precision via torch.autocast."""
-    if dtype == "float32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=torch.device(device).type, dtype=DTYPES[dtype])
 
 
 def model_source(init_from: str, out_dir: str) -> str:

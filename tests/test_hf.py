@@ -94,3 +94,10 @@ def test_only_dropout_may_be_overridden(hf_folder):
 def test_unknown_name_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="neither a GPT-2 name"):
         GPT.from_pretrained(str(tmp_path / "missing"))
+
+
+def test_hub_name_offline_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))  # an empty cache
+    with pytest.raises(ValueError, match="could not load GPT-2 weights 'gpt2'"):
+        GPT.from_pretrained("gpt2")

@@ -28,20 +28,6 @@ class DistEnv:
         return self.rank == 0
 
 
-def resolve_device(device: str) -> str:
-    """auto -> cuda > mps > cpu; under torchrun each process takes the GPU of its LOCAL_RANK."""
-    if device == "auto":
-        if torch.cuda.is_available():
-            device = "cuda"
-        elif torch.backends.mps.is_available():
-            device = "mps"
-        else:
-            device = "cpu"
-    if device == "cuda" and "LOCAL_RANK" in os.environ:
-        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-    return device
-
-
 def init(device: str, backend: str) -> DistEnv:
     """Join the torchrun job if there is one (RANK is set), else a single process."""
     if "RANK" not in os.environ:

@@ -18,7 +18,6 @@ import random
 import signal
 import threading
 import time
-from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from torch.distributed.checkpoint.state_dict import (
 from nanogpt.checkpoint import clean_state_dict, load_checkpoint, save_checkpoint
 from nanogpt.config import to_dict
 from nanogpt.data.loader import BatchLoader, read_meta
+from nanogpt.device import DTYPES, autocast, matmul_peak_flops, resolve_device, resolve_dtype
 from nanogpt.errors import NanoGPTError
 from nanogpt.model import GPT, GPTConfig
 from nanogpt.train import distributed
@@ -45,7 +45,6 @@ from nanogpt.train.schedule import get_lr
 # Eval batches come from a loader of their own with this seed: the same windows at every eval (smoother
 # curves that compare across runs), and evaluating never shifts the training stream (exact resume).
 EVAL_SEED = 1234
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # optimizer and model state as one full (unsharded) dict keyed by parameter name, the same under one
 # process, DDP and FSDP, so any of them resumes any other's checkpoint
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -63,7 +62,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     """Train (or only evaluate) as `cfg` says. Returns final_train_loss (of the last eval), final_val_loss,
     best_val_loss, total_train_time (seconds in optimizer steps, evals and checkpoints excluded),
     tokens_per_sec, iter_num, out_dir and stopped_by (the signal that stopped it early, or None)."""
-    device = distributed.resolve_device(cfg.device)
+    device = resolve_device(cfg.device)
     env = distributed.init(device, cfg.backend)
     try:
         with StopRequest() as stop:
@@ -99,7 +98,8 @@ class StopRequest:
 
 def _train(cfg: TrainConfig, env: DistEnv, device: str, stop: StopRequest) -> dict[str, Any]:
     device_type = torch.device(device).type  # for autocast and the gradient scaler
-    dtype = resolve_dtype(cfg.dtype, device)
+    dtype_name = resolve_dtype(cfg.dtype, device)
+    dtype = DTYPES[dtype_name]
     accum = distributed.per_rank_accumulation(cfg.gradient_accumulation_steps, env.world_size)
     if env.master:
         print(f"config: {json.dumps(to_dict(cfg))}")
@@ -107,7 +107,9 @@ def _train(cfg: TrainConfig, env: DistEnv, device: str, stop: StopRequest) -> di
         print(f"device {device}, dtype {str(dtype).removeprefix('torch.')}, {env.world_size} process(es)")
     torch.backends.cuda.matmul.allow_tf32 = True  # tf32 matmuls and convolutions on Ampere+ GPUs
     torch.backends.cudnn.allow_tf32 = True
-    ctx = nullcontext() if dtype == torch.float32 else torch.autocast(device_type=device_type, dtype=dtype)
+    ctx = autocast(device, dtype_name)
+    # MFU against this machine's measured matmul peak on a CPU; nanoGPT's A100 bf16 peak on a GPU
+    peak_flops = matmul_peak_flops(device, dtype) if device_type == "cpu" else None
 
     # data, and the model: from scratch, from out_dir's checkpoint, or from GPT-2 weights
     data_dir = dataset_dir(cfg, env)
@@ -230,7 +232,7 @@ def _train(cfg: TrainConfig, env: DistEnv, device: str, stop: StopRequest) -> di
                             "lr": lr,
                             "ms": dt * 1000,
                             "tokens_per_sec": tokens_per_iter / dt,
-                            "mfu": raw_model.estimate_mfu(cfg.batch_size * accum, dt),
+                            "mfu": raw_model.estimate_mfu(cfg.batch_size * accum, dt, peak_flops),
                             "grad_norm": normf,
                         }
                     )
@@ -262,16 +264,6 @@ def _train(cfg: TrainConfig, env: DistEnv, device: str, stop: StopRequest) -> di
         "out_dir": cfg.out_dir,
         "stopped_by": stop.signal_name,
     }
-
-
-def resolve_dtype(dtype: str, device: str) -> torch.dtype:
-    """auto: bfloat16 on a CUDA GPU that has it, float16 (with a gradient scaler) on older ones, else float32."""
-    if dtype == "auto":
-        if device.startswith("cuda"):
-            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-        else:
-            dtype = "float32"
-    return DTYPES[dtype]
 
 
 def dataset_dir(cfg: TrainConfig, env: DistEnv) -> Path:

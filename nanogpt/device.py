@@ -1,0 +1,98 @@
+"""Where and in what precision a model runs: the device ("auto": cuda > mps > cpu), the dtype ("auto": the
+fastest one that changes results only by bf16 rounding), the autocast context, and the device's measured
+matmul peak (for MFU). Every command resolves these here, the same way."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from nanogpt.errors import NanoGPTError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str) -> str:
+    """ "auto" -> cuda, else mps, else cpu; under torchrun a bare "cuda" is this process's LOCAL_RANK GPU.
+    A device that is not on this machine is an error."""
+    if device == "auto":
+        device = (
+            "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+        )
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise NanoGPTError(f"unknown device {device!r}: use cpu, cuda, cuda:N, mps or auto") from None
+    if (kind == "cuda" and not torch.cuda.is_available()) or (
+        kind == "mps" and not torch.backends.mps.is_available()
+    ):
+        raise NanoGPTError(f"device {device!r} is not available on this machine: use --device=cpu")
+    if device == "cuda" and "LOCAL_RANK" in os.environ:
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    return device
+
+
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX: bf16 matmuls run ~3x float32 here. Without them bf16 is emulated and slower."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: no cheap way to tell, stay with float32
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def check_dtype(dtype: str) -> None:
+    if dtype != "auto" and dtype not in DTYPES:
+        raise NanoGPTError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {dtype!r}")
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """ "auto" -> bfloat16 on a GPU that has it (float16 + a gradient scaler on older ones) and on a CPU
+    with native bf16 (1.3x the float32 training step of the shakespeare_char_cpu model, 1.9x at n_embd
+    256: benchmarks/bench_train.py); float32 elsewhere."""
+    check_dtype(dtype)
+    if dtype != "auto":
+        return dtype
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    if kind == "cpu" and cpu_has_native_bf16():
+        return "bfloat16"
+    return "float32"
+
+
+def autocast(device: str, dtype: str) -> contextlib.AbstractContextManager:
+    """The precision context for forward passes: plain float32, or mixed precision via torch.autocast."""
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=DTYPES[dtype])
+
+
+def synchronize(device: str) -> None:
+    """Wait for queued GPU work, so that a timer measures it (a no-op on the CPU)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@functools.cache
+def matmul_peak_flops(device: str, dtype: torch.dtype, repeats: int = 10) -> float:
+    """FLOP/s of the fastest of `repeats` square matmuls, large enough to reach the device's peak: what
+    MFU is measured against on this machine (once per process)."""
+    n = 8192 if torch.device(device).type == "cuda" else 2048
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b  # warm up: library dispatch, thread pool, clocks
+    best = float("inf")
+    for _ in range(repeats):
+        synchronize(device)
+        t0 = time.perf_counter()
+        a @ b
+        synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
