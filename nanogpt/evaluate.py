@@ -27,7 +27,7 @@ from nanogpt.checkpoint import checkpoint_path
 from nanogpt.config import parse_options
 from nanogpt.data.loader import load_split, read_meta, sequential_batches
 from nanogpt.data.tokenizers import tokenizer_from_meta
-from nanogpt.device import autocast, check_dtype, resolve_device
+from nanogpt.device import autocast, check_dtype, resolve_device, resolve_dtype
 from nanogpt.errors import NanoGPTError
 from nanogpt.model import GPT
 from nanogpt.sample import load_for_inference, model_source
@@ -47,7 +47,7 @@ class EvalConfig:
     block_size: int = 0  # window length; 0: the model's block_size
     max_tokens: int = 0  # evaluate on the first max_tokens tokens only (a fixed budget); 0: all of them
     device: str = "auto"
-    dtype: str = "float32"  # float32, or bfloat16 / float16 through torch.autocast
+    dtype: str = "float32"  # float32, bfloat16 / float16 through torch.autocast, or auto (as training)
     compile: bool = False
     json: bool = False  # print one JSON object instead of a table
 
@@ -178,7 +178,9 @@ def main(argv: list[str]) -> int:
     source = model_source(cfg.init_from, cfg.out_dir)
     model, tokenizer = load_for_inference(source, device, cfg.compile)
     tokens, where = eval_tokens(cfg, tokenizer)
-    metrics = evaluate(model, tokenizer, tokens, cfg.batch_size, cfg.block_size, device, cfg.dtype)
+    metrics = evaluate(
+        model, tokenizer, tokens, cfg.batch_size, cfg.block_size, device, resolve_dtype(cfg.dtype, device)
+    )
     result = {"model": source, "data": where, "tokenizer": tokenizer.name, **metrics}
     print(json.dumps(result) if cfg.json else format_table(result))
     return 0

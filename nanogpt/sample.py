@@ -20,7 +20,7 @@ import torch
 
 from nanogpt.checkpoint import load_model
 from nanogpt.config import parse_options
-from nanogpt.device import autocast, check_dtype, resolve_device
+from nanogpt.device import autocast, check_dtype, resolve_device, resolve_dtype
 from nanogpt.errors import NanoGPTError
 from nanogpt.model import GPT
 
@@ -39,7 +39,7 @@ class SampleConfig:
     top_p: float | None = None  # nucleus sampling: the smallest set of tokens whose probability reaches p
     seed: int = 1337
     device: str = "auto"  # auto (cuda > mps > cpu) | cpu | cuda | cuda:1 | mps
-    dtype: str = "float32"  # float32, or bfloat16 / float16 through torch.autocast
+    dtype: str = "float32"  # float32, bfloat16 / float16 through torch.autocast, or auto (as training)
     compile: bool = False  # torch.compile the model (pays off for long or many samples on a GPU)
     stop_at_eot: bool = True  # end a sample at the end-of-text token (GPT-2's <|endoftext|>), if any
 
@@ -143,7 +143,7 @@ def sample(cfg: SampleConfig, out: TextIO | None = None) -> list[str]:
     prompt = tokenizer.decode(prompt_ids)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     samples = []
-    with autocast(device, cfg.dtype):
+    with autocast(device, resolve_dtype(cfg.dtype, device)):
         for _ in range(cfg.num_samples):
             out.write(prompt)
             pieces = []
