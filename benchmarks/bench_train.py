@@ -27,6 +27,7 @@ from torch.nn import functional as F
 
 from nanogpt import GPT, GPTConfig
 from nanogpt.device import matmul_peak_flops
+from nanogpt.hf import hf_config
 
 BASE = dict(vocab_size=65, n_layer=4, n_head=4, n_embd=128, dropout=0.0, bias=False)  # shakespeare_char_cpu
 
@@ -71,23 +72,11 @@ def our_step(cfg: GPTConfig, batch: int, bf16: bool, fused: bool, compile: bool)
 
 
 def hf_step(cfg: GPTConfig, batch: int, bf16: bool, attn_implementation: str) -> Callable:
-    """The same step with transformers' GPT2LMHeadModel (same sizes; GPT-2's tanh GELU), our loss."""
+    """The same step with transformers' GPT2LMHeadModel (same sizes and activation), our loss."""
     import transformers
 
     torch.manual_seed(0)
-    hf_cfg = transformers.GPT2Config(
-        vocab_size=cfg.vocab_size,
-        n_positions=cfg.block_size,
-        n_embd=cfg.n_embd,
-        n_layer=cfg.n_layer,
-        n_head=cfg.n_head,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        attn_implementation=attn_implementation,
-        bos_token_id=None,  # a character vocabulary has no <|endoftext|>
-        eos_token_id=None,
-    )
+    hf_cfg = hf_config(cfg, attn_implementation=attn_implementation)
     model = transformers.GPT2LMHeadModel(hf_cfg).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
     x = torch.randint(cfg.vocab_size, (batch, cfg.block_size))

@@ -85,12 +85,10 @@ def load_gpt2(name_or_path: str, override_args: dict | None = None) -> GPT:
     return model
 
 
-def export(model: GPT, directory: str | Path) -> Path:
-    """Write `model` as a HF GPT-2 folder (config.json + model.safetensors). A model without biases is
-    written with zero biases, which computes the same function."""
+def hf_config(cfg: GPTConfig, **extra):
+    """The transformers.GPT2Config of a model with our config (extra: more GPT2Config fields)."""
     transformers = _transformers()
-    cfg = model.config
-    hf_cfg = transformers.GPT2Config(
+    return transformers.GPT2Config(
         vocab_size=cfg.vocab_size,
         n_positions=cfg.block_size,
         n_embd=cfg.n_embd,
@@ -105,7 +103,16 @@ def export(model: GPT, directory: str | Path) -> Path:
         # GPT-2's <|endoftext|> where the vocabulary has it (a char model has none)
         bos_token_id=EOT if cfg.vocab_size > EOT else None,
         eos_token_id=EOT if cfg.vocab_size > EOT else None,
+        **extra,
     )
+
+
+def export(model: GPT, directory: str | Path) -> Path:
+    """Write `model` as a HF GPT-2 folder (config.json + model.safetensors). A model without biases is
+    written with zero biases, which computes the same function."""
+    transformers = _transformers()
+    cfg = model.config
+    hf_cfg = hf_config(cfg)
     hf_model = transformers.GPT2LMHeadModel(hf_cfg)
     ours = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
     hf_sd = hf_model.state_dict()

@@ -26,3 +26,13 @@ def sources_dir() -> Path:
 @pytest.fixture(scope="session")
 def shakespeare_text(sources_dir: Path) -> str:
     return (sources_dir / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory, sources_dir: Path) -> Path:
+    """A data_dir holding shakespeare_char (tiny Shakespeare, characters), prepared once per test run."""
+    from nanogpt.data.prepare import prepare_dataset
+
+    out = tmp_path_factory.mktemp("data")
+    prepare_dataset("shakespeare_char", source=sources_dir / "tinyshakespeare" / "input.txt", data_dir=out)
+    return out

@@ -15,7 +15,6 @@ import pytest
 
 from nanogpt.checkpoint import load_checkpoint
 from nanogpt.config import set_fields
-from nanogpt.data.prepare import prepare_dataset
 from nanogpt.train.config import TrainConfig
 from nanogpt.train.metrics import read_metrics
 from nanogpt.train.trainer import train
@@ -49,13 +48,6 @@ LAUNCHER = textwrap.dedent(
     sys.exit(main(sys.argv[1:]))
     """
 )
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory, sources_dir) -> Path:
-    out = tmp_path_factory.mktemp("data")
-    prepare_dataset("shakespeare_char", source=sources_dir / "tinyshakespeare" / "input.txt", data_dir=out)
-    return out
 
 
 def tiny(data_dir: Path, out_dir: Path, **overrides) -> TrainConfig:

@@ -24,15 +24,6 @@ TINY = dict(block_size=32, n_layer=1, n_head=2, n_embd=32)
 
 
 @pytest.fixture(scope="module")
-def data_dir(sources_dir, tmp_path_factory):
-    data_dir = tmp_path_factory.mktemp("data")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("NANOGPT_DATA_SOURCES", str(sources_dir))
-        prepare_dataset("shakespeare_char", data_dir=data_dir)
-    return data_dir
-
-
-@pytest.fixture(scope="module")
 def char_ckpt(data_dir, tmp_path_factory):
     """A randomly initialised char model whose checkpoint names shakespeare_char as its dataset."""
     meta = json.loads((data_dir / "shakespeare_char" / "meta.json").read_text())

@@ -16,7 +16,6 @@ import torch
 
 from nanogpt.checkpoint import load_checkpoint, model_from_checkpoint
 from nanogpt.config import set_fields
-from nanogpt.data.prepare import prepare_dataset
 from nanogpt.errors import NanoGPTError
 from nanogpt.model import GPT
 from nanogpt.train.config import TrainConfig
@@ -24,14 +23,6 @@ from nanogpt.train.metrics import read_metrics
 from nanogpt.train.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory, sources_dir) -> Path:
-    """tiny Shakespeare, character-level, prepared once for this module."""
-    out = tmp_path_factory.mktemp("data")
-    prepare_dataset("shakespeare_char", source=sources_dir / "tinyshakespeare" / "input.txt", data_dir=out)
-    return out
 
 
 def tiny(data_dir: Path, out_dir: Path, **overrides) -> TrainConfig:
