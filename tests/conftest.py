@@ -36,3 +36,29 @@ def data_dir(tmp_path_factory, sources_dir: Path) -> Path:
     out = tmp_path_factory.mktemp("data")
     prepare_dataset("shakespeare_char", source=sources_dir / "tinyshakespeare" / "input.txt", data_dir=out)
     return out
+
+
+def tiny_train_config(data_dir: Path, out_dir: Path, **overrides):
+    """A TrainConfig for a 2-layer model on shakespeare_char that trains in milliseconds per step, on
+    the CPU in float32 (so results compare bit for bit); tests override what they exercise."""
+    from nanogpt.config import set_fields
+    from nanogpt.train.config import TrainConfig
+
+    values = dict(
+        out_dir=str(out_dir),
+        data_dir=str(data_dir),
+        dataset="shakespeare_char",
+        n_layer=2,
+        n_head=2,
+        n_embd=32,
+        block_size=16,
+        batch_size=4,
+        learning_rate=3e-3,
+        warmup_iters=2,
+        log_interval=1,
+        device="cpu",
+        dtype="float32",
+        compile=False,
+        progress="plain",
+    )
+    return set_fields(TrainConfig(), {**values, **overrides}, where="test")

@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import tiny_train_config
 
 from nanogpt.checkpoint import load_checkpoint
-from nanogpt.config import set_fields
 from nanogpt.train.config import TrainConfig
 from nanogpt.train.metrics import read_metrics
 from nanogpt.train.trainer import train
@@ -51,31 +51,18 @@ LAUNCHER = textwrap.dedent(
 
 
 def tiny(data_dir: Path, out_dir: Path, **overrides) -> TrainConfig:
-    """4 micro-steps per iteration: all 4 in one process, 2 in each of two. No dropout: its random masks
-    differ between ranks by design."""
-    values = dict(
-        out_dir=str(out_dir),
-        data_dir=str(data_dir),
-        dataset="shakespeare_char",
-        n_layer=2,
-        n_head=2,
-        n_embd=32,
-        block_size=16,
-        batch_size=4,
-        gradient_accumulation_steps=4,
-        max_iters=6,
-        warmup_iters=2,
-        lr_decay_iters=6,
-        learning_rate=3e-3,
-        eval_interval=3,
-        eval_iters=3,  # odd: one rank gets a padding batch, not counted
-        log_interval=1,
-        device="cpu",
-        dtype="float32",
-        compile=False,
-        progress="plain",
+    """4 micro-steps per iteration: all 4 in one process, 2 in each of two. eval_iters is odd: one rank
+    gets a padding batch, not counted. No dropout: its random masks differ between ranks by design."""
+    return tiny_train_config(
+        data_dir,
+        out_dir,
+        **{
+            **dict(
+                gradient_accumulation_steps=4, max_iters=6, lr_decay_iters=6, eval_interval=3, eval_iters=3
+            ),
+            **overrides,
+        },
     )
-    return set_fields(TrainConfig(), {**values, **overrides}, where="test")
 
 
 def torchrun(

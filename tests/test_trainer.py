@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_train_config
 
 from nanogpt.checkpoint import load_checkpoint, model_from_checkpoint
 from nanogpt.config import set_fields
@@ -26,34 +27,24 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny(data_dir: Path, out_dir: Path, **overrides) -> TrainConfig:
-    """A 2-layer model that trains in milliseconds per step; dropout and 2 micro-steps exercise the RNG
-    and gradient accumulation."""
-    values = dict(
-        out_dir=str(out_dir),
-        data_dir=str(data_dir),
-        dataset="shakespeare_char",
-        n_layer=2,
-        n_head=2,
-        n_embd=32,
-        block_size=16,
-        batch_size=4,
-        gradient_accumulation_steps=2,
-        dropout=0.1,
-        learning_rate=3e-3,
-        max_iters=8,
-        warmup_iters=2,
-        lr_decay_iters=8,
-        min_lr=3e-4,
-        eval_interval=4,
-        eval_iters=2,
-        log_interval=1,
-        always_save_checkpoint=True,
-        device="cpu",
-        dtype="float32",
-        compile=False,
-        progress="plain",
+    """Dropout and 2 micro-steps exercise the RNG and gradient accumulation."""
+    return tiny_train_config(
+        data_dir,
+        out_dir,
+        **{
+            **dict(
+                gradient_accumulation_steps=2,
+                dropout=0.1,
+                max_iters=8,
+                lr_decay_iters=8,
+                min_lr=3e-4,
+                eval_interval=4,
+                eval_iters=2,
+                always_save_checkpoint=True,
+            ),
+            **overrides,
+        },
     )
-    return set_fields(TrainConfig(), {**values, **overrides}, where="test")
 
 
 def cli_args(cfg: TrainConfig) -> list[str]:
