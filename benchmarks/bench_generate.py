@@ -31,8 +31,8 @@ from pathlib import Path
 
 import torch
 
-from nanogpt.bench import GEN_BATCH_SIZES, generation_tokens_per_second
-from nanogpt.config import parse_overrides, set_fields
+from nanogpt.bench import measure_generation
+from nanogpt.config import parse_options
 from nanogpt.model import GPT, GPTConfig
 from nanogpt.train.config import load_train_config
 
@@ -54,24 +54,6 @@ def preset_model(block_size: int) -> GPT:
     torch.manual_seed(0)
     shape = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, bias=cfg.bias)
     return GPT(GPTConfig(block_size=block_size, vocab_size=SHAKESPEARE_CHARS, **shape)).eval()
-
-
-def ours(model: GPT, new_tokens: int, repeats: int) -> list[dict]:
-    rows = []
-    for batch_size in GEN_BATCH_SIZES:
-        kv, re = (
-            generation_tokens_per_second(model, batch_size, new_tokens, use_cache, repeats=repeats)
-            for use_cache in (True, False)
-        )
-        rows.append(
-            {
-                "batch_size": batch_size,
-                "kv_cache_tokens_per_sec": kv,
-                "recompute_tokens_per_sec": re,
-                "kv_cache_speedup": kv / re,
-            }
-        )
-    return rows
 
 
 def hf_tokens_per_second(hf_model, batch_size: int, new_tokens: int, repeats: int) -> float:
@@ -104,17 +86,18 @@ def with_hf(model: GPT, rows: list[dict], new_tokens: int, repeats: int) -> bool
     for row in rows:
         hf = hf_tokens_per_second(hf_model, row["batch_size"], new_tokens, repeats)
         row["hf_generate_tokens_per_sec"] = hf
-        row["kv_cache_vs_hf"] = row["kv_cache_tokens_per_sec"] / hf
+        row["kv_cache_vs_hf"] = row["tokens_per_sec_kv_cache"] / hf
     prompt = torch.randint(SHAKESPEARE_CHARS, (2, 5), generator=torch.Generator().manual_seed(0))
+    steps = min(100, model.config.block_size - prompt.size(1))  # HF's window cannot slide: stay inside it
     ref = hf_model.double().generate(
         prompt,
         attention_mask=torch.ones_like(prompt),
-        max_new_tokens=100,
-        min_new_tokens=100,
+        max_new_tokens=steps,
+        min_new_tokens=steps,
         do_sample=False,
         pad_token_id=0,
     )
-    mine = model.double().generate(prompt, 100, temperature=0.0)
+    mine = model.double().generate(prompt, steps, temperature=0.0)
     model.float()
     return torch.equal(ref, mine)
 
@@ -129,20 +112,21 @@ def markdown(results: dict) -> str:
             hf = r.get("hf_generate_tokens_per_sec")
             hf_cells = f"{hf:,.0f} | {r['kv_cache_vs_hf']:.2f}x" if hf else "- | -"
             lines.append(
-                f"| {name} | {r['batch_size']} | {r['kv_cache_tokens_per_sec']:,.0f} | "
-                f"{r['recompute_tokens_per_sec']:,.0f} | {r['kv_cache_speedup']:.2f}x | {hf_cells} |"
+                f"| {name} | {r['batch_size']} | {r['tokens_per_sec_kv_cache']:,.0f} | "
+                f"{r['tokens_per_sec_recompute']:,.0f} | {r['kv_cache_speedup']:.2f}x | {hf_cells} |"
             )
     return "\n".join(lines)
 
 
 def main(argv: list[str]) -> int:
-    _, overrides = parse_overrides(argv)
-    opts = set_fields(Options(), overrides, "command line")
+    opts = parse_options(Options, argv, __doc__)
+    if opts is None:  # --help
+        return 0
     settings = {}
     for name, block_size in (("a_block64", 64), (f"b_block{opts.long_block_size}", opts.long_block_size)):
         model = preset_model(block_size)
         print(f"{name}: {model.get_num_params() / 1e6:.2f}M params, block_size {block_size}", file=sys.stderr)
-        rows = ours(model, opts.new_tokens, opts.repeats)
+        rows = measure_generation(model, opts.new_tokens, "float32", opts.repeats)
         setting = {"block_size": block_size, "rows": rows}
         if opts.hf and block_size >= 1 + opts.new_tokens:
             setting["hf_greedy_tokens_match"] = with_hf(model, rows, opts.new_tokens, opts.repeats)

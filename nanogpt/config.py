@@ -1,7 +1,8 @@
 """Typed configs from dataclass defaults + a TOML file + `--key=value` overrides (nanoGPT's syntax, no exec).
 
 Every command (train, sample, eval, bench, experiment) describes its options as a dataclass and reads
-them with `parse_options` (or `read_argv` + `set_fields`); the dataclass is the one source of truth for names, types and defaults.
+them with `parse_options` (or `read_argv` + `set_fields`); the dataclass is the one source of truth for
+names, types and defaults.
 """
 
 from __future__ import annotations

@@ -144,9 +144,8 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True  # biases in Linears and LayerNorms, like GPT-2; False is a bit better and faster
     gelu_approximate: str = "none"  # "none": exact GELU (nanoGPT); "tanh": GPT-2's and HF's approximation
-    attention: str = (
-        "auto"  # "sdpa": PyTorch's fused kernel; "manual": the plain masked softmax; "auto": the faster
-    )
+    # "sdpa": PyTorch's fused kernel; "manual": the plain masked softmax; "auto": whichever is faster here
+    attention: str = "auto"
 
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):

@@ -15,8 +15,7 @@ from typing import Any, Literal
 
 from nanogpt.config import help_text, parse_overrides, read_toml, set_fields
 from nanogpt.errors import NanoGPTError
-
-PRETRAINED = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+from nanogpt.hf import PRETRAINED
 
 
 @dataclass
