@@ -26,7 +26,7 @@ import torch
 from torch.nn import functional as F
 
 from nanogpt import GPT, GPTConfig
-from nanogpt.device import matmul_peak_flops
+from nanogpt.device import compile_options, matmul_peak_flops
 from nanogpt.hf import hf_config
 
 BASE = dict(vocab_size=65, n_layer=4, n_head=4, n_embd=128, dropout=0.0, bias=False)  # shakespeare_char_cpu
@@ -57,7 +57,7 @@ def our_step(cfg: GPTConfig, batch: int, bf16: bool, fused: bool, compile: bool)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=1e-3, **({"fused": True} if fused else {"foreach": True})
     )
-    forward = torch.compile(model) if compile else model
+    forward = torch.compile(model, options=compile_options("cpu")) if compile else model
     x = torch.randint(cfg.vocab_size, (batch, cfg.block_size))
     y = torch.randint(cfg.vocab_size, (batch, cfg.block_size))
 

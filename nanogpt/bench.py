@@ -29,7 +29,15 @@ import torch
 from nanogpt.checkpoint import load_checkpoint, model_from_checkpoint
 from nanogpt.config import read_argv, set_fields
 from nanogpt.data.loader import read_meta
-from nanogpt.device import DTYPES, autocast, matmul_peak_flops, resolve_device, resolve_dtype, synchronize
+from nanogpt.device import (
+    DTYPES,
+    autocast,
+    compile_options,
+    matmul_peak_flops,
+    resolve_device,
+    resolve_dtype,
+    synchronize,
+)
 from nanogpt.errors import NanoGPTError
 from nanogpt.model import GPT
 from nanogpt.train.config import TrainConfig, load_train_config
@@ -192,7 +200,9 @@ def run_bench(opts: BenchOptions, overrides: dict[str, Any]) -> dict[str, Any]:
         name: matmul_peak_flops(device, DTYPES[name])
         for name in dict.fromkeys(("float32", "bfloat16", dtype))
     }
-    train_model = torch.compile(model) if compile else model  # generation below stays eager
+    train_model = (
+        torch.compile(model, options=compile_options(device)) if compile else model
+    )  # generation below stays eager
     train = measure_training(
         train_model, model, cfg, device, dtype, opts.train_iters, opts.warmup_iters, peaks[dtype]
     )

@@ -20,7 +20,7 @@ import torch
 
 from nanogpt.checkpoint import load_model
 from nanogpt.config import parse_options
-from nanogpt.device import autocast, check_dtype, resolve_device, resolve_dtype
+from nanogpt.device import autocast, check_dtype, compile_options, resolve_device, resolve_dtype
 from nanogpt.errors import NanoGPTError
 from nanogpt.model import GPT
 
@@ -70,7 +70,7 @@ def load_for_inference(source: str, device: str, compile: bool) -> tuple[GPT, An
     every other method that calls the model use the compiled forward)."""
     model, tokenizer = load_model(source, device)
     if compile:
-        model.compile()
+        model.compile(options=compile_options(device))
     return model, tokenizer
 
 

@@ -4,7 +4,7 @@ breaks a character, and clear errors for bad prompts and bad checkpoints."""
 from __future__ import annotations
 
 import io
-import os
+import random
 from dataclasses import asdict
 
 import pytest
@@ -134,10 +134,14 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert "no checkpoint at" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+# random bytes whose unpickling fails with UnpicklingError, IndexError, KeyError and UnicodeDecodeError
+@pytest.mark.parametrize("damage", ["garbage-0", "garbage-2", "garbage-20", "garbage-195", "truncated"])
 def test_damaged_checkpoint_is_a_clear_error(char_ckpt, tmp_path, capsys, damage):
     good = (char_ckpt / "ckpt.pt").read_bytes()
-    (tmp_path / "ckpt.pt").write_bytes(os.urandom(1000) if damage == "garbage" else good[: len(good) // 2])
+    if damage == "truncated":
+        (tmp_path / "ckpt.pt").write_bytes(good[: len(good) // 2])
+    else:
+        (tmp_path / "ckpt.pt").write_bytes(random.Random(int(damage.split("-")[1])).randbytes(1000))
     assert cli(["sample", f"--out_dir={tmp_path}", "--device=cpu"]) == 1
     assert "damaged or not a nanogpt checkpoint" in capsys.readouterr().err
 

@@ -33,7 +33,7 @@ from torch.distributed.checkpoint.state_dict import (
 from nanogpt.checkpoint import clean_state_dict, load_checkpoint, save_checkpoint
 from nanogpt.config import to_dict
 from nanogpt.data.loader import BatchLoader, read_meta
-from nanogpt.device import DTYPES, autocast, matmul_peak_flops, resolve_device, resolve_dtype
+from nanogpt.device import DTYPES, autocast, compile_options, matmul_peak_flops, resolve_device, resolve_dtype
 from nanogpt.errors import NanoGPTError
 from nanogpt.model import GPT, GPTConfig
 from nanogpt.train import distributed
@@ -128,7 +128,7 @@ def _train(cfg: TrainConfig, env: DistEnv, device: str, stop: StopRequest) -> di
     model = wrapped
     if cfg.compile if cfg.compile is not None else device_type == "cuda":
         print("compiling the model... (takes a ~minute)")
-        model = torch.compile(wrapped)
+        model = torch.compile(wrapped, options=compile_options(device))
     optimizer = raw_model.configure_optimizers(
         cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type
     )
