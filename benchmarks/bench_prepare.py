@@ -114,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     report = run(args.source, args.repeats)
     print(table(report))
     if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     else:
         print(json.dumps(report, indent=2))

@@ -7,7 +7,9 @@ GPT2LMHeadModel with the same sizes, batch and dtype. Then how the cost grows wi
 
 Contenders run round-robin (a few steps each, many rounds) so that a noisy machine slows them alike;
 we report each one's median step time, its ratio to the plain path, MFU against this CPU's measured
-matmul peak, and its peak RSS (measured in a separate pass: VmHWM reset through /proc/self/clear_refs).
+matmul peak, its peak RSS (measured in a separate pass first: VmHWM reset through /proc/self/clear_refs)
+and its minor page faults per step. The timed rounds run with malloc keeping freed memory, as training
+does (nanogpt.device.keep_freed_memory); --glibc-default times them without.
 Inputs are random tokens: data loading is not timed here (it is ~0.2 ms per batch, see test_loader).
 """
 
@@ -17,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -26,7 +29,7 @@ import torch
 from torch.nn import functional as F
 
 from nanogpt import GPT, GPTConfig
-from nanogpt.device import compile_options, matmul_peak_flops
+from nanogpt.device import compile_options, keep_freed_memory, matmul_peak_flops
 from nanogpt.hf import hf_config
 
 BASE = dict(vocab_size=65, n_layer=4, n_head=4, n_embd=128, dropout=0.0, bias=False)  # shakespeare_char_cpu
@@ -93,19 +96,25 @@ def hf_step(cfg: GPTConfig, batch: int, bf16: bool, attn_implementation: str) ->
     return step
 
 
-def round_robin(steps: dict[str, Callable], rounds: int, per_round: int, warmup: int) -> dict[str, float]:
-    """Median seconds per step of each contender, timed in interleaved rounds."""
+def round_robin(
+    steps: dict[str, Callable], rounds: int, per_round: int, warmup: int
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Median seconds per step of each contender, timed in interleaved rounds, and its minor page
+    faults per step (what the allocator costs: each is a fresh zeroed page)."""
     for step in steps.values():
         for _ in range(warmup):
             step()
     times: dict[str, list[float]] = {name: [] for name in steps}
+    faults = dict.fromkeys(steps, 0)
     for _ in range(rounds):
         for name, step in steps.items():
             for _ in range(per_round):
-                t0 = time.perf_counter()
+                f0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
                 step()
                 times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+                faults[name] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+    medians = {name: statistics.median(ts) for name, ts in times.items()}
+    return medians, {name: n / (rounds * per_round) for name, n in faults.items()}
 
 
 def rss_of(make: Callable[[], Callable], steps: int = 3) -> float | None:
@@ -127,6 +136,12 @@ def main() -> None:
         "--no-compile", dest="compile", action="store_false", help="skip the compiled contender"
     )
     parser.add_argument("--no-scaling", dest="scaling", action="store_false", help="skip the scaling table")
+    parser.add_argument(
+        "--glibc-default",
+        dest="keep_freed_memory",
+        action="store_false",
+        help="leave malloc as glibc sets it (training calls nanogpt.device.keep_freed_memory)",
+    )
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
@@ -148,8 +163,9 @@ def main() -> None:
         our_step(cfg, B, bf16=True, fused=True, compile=True)[0]()  # first call compiles
         compile_seconds = time.perf_counter() - t0
 
-    rss = {name: rss_of(make) for name, make in makers.items()}
-    medians = round_robin({name: make() for name, make in makers.items()}, args.rounds, 3, warmup=3)
+    rss = {name: rss_of(make) for name, make in makers.items()}  # before malloc keeps freed memory
+    malloc_tuned = keep_freed_memory() if args.keep_freed_memory else False
+    medians, faults = round_robin({name: make() for name, make in makers.items()}, args.rounds, 3, warmup=3)
     flops_per_step = our_step(cfg, B, False, False, False)[1].flops_per_token() * B * args.block_size
     peaks = {
         "float32": matmul_peak_flops("cpu", torch.float32),
@@ -167,6 +183,7 @@ def main() -> None:
                 "speedup_vs_plain": base / dt,
                 "mfu": flops_per_step / dt / peak,
                 "peak_rss_mib": rss[name],
+                "page_faults_per_iter": faults[name],
             }
         )
     best_ours = max((r for r in rows if r["contender"].startswith("ours")), key=lambda r: r["tokens_per_sec"])
@@ -177,7 +194,7 @@ def main() -> None:
         for block_size, n_embd in [(64, 128), (128, 128), (256, 128), (64, 256), (64, 384)]:
             c = GPTConfig(**{**BASE, "block_size": block_size, "n_embd": n_embd})
             p = GPTConfig(**{**BASE, "block_size": block_size, "n_embd": n_embd, "attention": "sdpa"})
-            m = round_robin(
+            m, _ = round_robin(
                 {
                     "fp32": our_step(p, B, bf16=False, fused=False, compile=False)[0],
                     "bf16": our_step(c, B, bf16=True, fused=True, compile=False)[0],
@@ -200,6 +217,7 @@ def main() -> None:
 
     result = {
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()},
+        "keep_freed_memory": malloc_tuned,
         "torch": torch.__version__,
         "model": {**BASE, "block_size": args.block_size, "batch_size": B},
         "peak_flops": peaks,
@@ -211,15 +229,15 @@ def main() -> None:
     print(
         f"shakespeare_char_cpu model, batch {B} x {args.block_size}, {result['machine']['threads']} threads, "
         f"torch {torch.__version__}; matmul peak fp32 {peaks['float32'] / 1e9:.0f} GFLOP/s, "
-        f"bf16 {peaks['bfloat16'] / 1e9:.0f} GFLOP/s"
+        f"bf16 {peaks['bfloat16'] / 1e9:.0f} GFLOP/s; malloc keeps freed memory: {malloc_tuned}"
     )
-    print("| contender | ms/iter | tokens/s | vs plain | MFU | peak RSS MiB |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| contender | ms/iter | tokens/s | vs plain | MFU | peak RSS MiB | page faults/iter |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         rss_text = f"{r['peak_rss_mib']:.0f}" if r["peak_rss_mib"] else "n/a"
         print(
             f"| {r['contender']} | {r['ms_per_iter']:.1f} | {r['tokens_per_sec']:,.0f} | "
-            f"{r['speedup_vs_plain']:.2f}x | {100 * r['mfu']:.1f}% | {rss_text} |"
+            f"{r['speedup_vs_plain']:.2f}x | {100 * r['mfu']:.1f}% | {rss_text} | {r['page_faults_per_iter']:,.0f} |"
         )
     print(f"ours best / HF best: {result['ours_best_vs_hf_best']:.2f}x", end="")
     print(f"; compile time {compile_seconds:.0f} s" if compile_seconds else "")
@@ -233,6 +251,7 @@ def main() -> None:
             )
     print(json.dumps(result))
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
 
 

@@ -33,6 +33,7 @@ from nanogpt.device import (
     DTYPES,
     autocast,
     compile_options,
+    keep_freed_memory,
     matmul_peak_flops,
     resolve_device,
     resolve_dtype,
@@ -191,6 +192,8 @@ def run_bench(opts: BenchOptions, overrides: dict[str, Any]) -> dict[str, Any]:
     """Everything `nanogpt bench` reports, as one JSON-able dict."""
     model, cfg, source = bench_setup(opts, overrides)
     device = resolve_device(cfg.device)
+    if torch.device(device).type == "cpu":
+        keep_freed_memory()  # as training does
     dtype = resolve_dtype(cfg.dtype, device)
     compile = cfg.compile if cfg.compile is not None else device.startswith("cuda")  # as training decides
     if cfg.block_size < model.config.block_size:

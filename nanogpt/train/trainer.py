@@ -33,7 +33,15 @@ from torch.distributed.checkpoint.state_dict import (
 from nanogpt.checkpoint import clean_state_dict, load_checkpoint, save_checkpoint
 from nanogpt.config import to_dict
 from nanogpt.data.loader import BatchLoader, read_meta
-from nanogpt.device import DTYPES, autocast, compile_options, matmul_peak_flops, resolve_device, resolve_dtype
+from nanogpt.device import (
+    DTYPES,
+    autocast,
+    compile_options,
+    keep_freed_memory,
+    matmul_peak_flops,
+    resolve_device,
+    resolve_dtype,
+)
 from nanogpt.errors import NanoGPTError
 from nanogpt.model import GPT, GPTConfig
 from nanogpt.train import distributed
@@ -63,6 +71,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     best_val_loss, total_train_time (seconds in optimizer steps, evals and checkpoints excluded),
     tokens_per_sec, iter_num, out_dir and stopped_by (the signal that stopped it early, or None)."""
     device = resolve_device(cfg.device)
+    if torch.device(device).type == "cpu":
+        keep_freed_memory()  # no page faults for each step's activations
     env = distributed.init(device, cfg.backend)
     try:
         with StopRequest() as stop:
