@@ -56,7 +56,7 @@ def check_dtype(dtype: str) -> None:
 
 def resolve_dtype(dtype: str, device: str) -> str:
     """ "auto" -> bfloat16 on a GPU that has it (float16 + a gradient scaler on older ones) and on a CPU
-    with native bf16 (1.3x the float32 training step of the shakespeare_char_cpu model, 1.9x at n_embd
+    with native bf16 (1.4x the float32 training step of the shakespeare_char_cpu model, 1.9x at n_embd
     256: benchmarks/bench_train.py); float32 elsewhere."""
     check_dtype(dtype)
     if dtype != "auto":
