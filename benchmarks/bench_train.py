@@ -164,7 +164,7 @@ def main() -> None:
         compile_seconds = time.perf_counter() - t0
 
     rss = {name: rss_of(make) for name, make in makers.items()}  # before malloc keeps freed memory
-    malloc_tuned = keep_freed_memory() if args.keep_freed_memory else False
+    malloc_tuned = keep_freed_memory("cpu") if args.keep_freed_memory else False
     medians, faults = round_robin({name: make() for name, make in makers.items()}, args.rounds, 3, warmup=3)
     flops_per_step = our_step(cfg, B, False, False, False)[1].flops_per_token() * B * args.block_size
     peaks = {

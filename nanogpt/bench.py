@@ -38,6 +38,7 @@ from nanogpt.device import (
     resolve_device,
     resolve_dtype,
     synchronize,
+    wants_compile,
 )
 from nanogpt.errors import NanoGPTError
 from nanogpt.model import GPT
@@ -192,10 +193,9 @@ def run_bench(opts: BenchOptions, overrides: dict[str, Any]) -> dict[str, Any]:
     """Everything `nanogpt bench` reports, as one JSON-able dict."""
     model, cfg, source = bench_setup(opts, overrides)
     device = resolve_device(cfg.device)
-    if torch.device(device).type == "cpu":
-        keep_freed_memory()  # as training does
+    keep_freed_memory(device)  # as training does
     dtype = resolve_dtype(cfg.dtype, device)
-    compile = cfg.compile if cfg.compile is not None else device.startswith("cuda")  # as training decides
+    compile = wants_compile(cfg.compile, device)  # as training decides
     if cfg.block_size < model.config.block_size:
         model.crop_block_size(cfg.block_size)
     model.to(device)
@@ -203,9 +203,8 @@ def run_bench(opts: BenchOptions, overrides: dict[str, Any]) -> dict[str, Any]:
         name: matmul_peak_flops(device, DTYPES[name])
         for name in dict.fromkeys(("float32", "bfloat16", dtype))
     }
-    train_model = (
-        torch.compile(model, options=compile_options(device)) if compile else model
-    )  # generation below stays eager
+    # only the training steps run compiled: generation below stays eager
+    train_model = torch.compile(model, options=compile_options(device)) if compile else model
     train = measure_training(
         train_model, model, cfg, device, dtype, opts.train_iters, opts.warmup_iters, peaks[dtype]
     )

@@ -78,10 +78,11 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
         B, T, C = x.size()  # batch, sequence length, n_embd
+        hs = C // self.n_head  # head size
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         if kv_cache is not None:
             k, v = kv_cache.append(k, v)  # (B, nh, S, hs), S = cached + T
         S = k.size(2)
@@ -98,7 +99,6 @@ class CausalSelfAttention(nn.Module):
                 is_causal=S == T and T > 1,
             )
         else:  # the plain path, kept for teaching and as the reference the fused kernel is tested against
-            hs = C // self.n_head
             # 0 where query i may look at key j, -inf where it may not
             causal = torch.zeros(T, S, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
             # one kernel scales q k^T and adds the mask (a third faster than matmul, mul and masked_fill

@@ -11,8 +11,10 @@ import torch
 from nanogpt.device import (
     compile_options,
     cpu_has_native_bf16,
+    keep_freed_memory,
     resolve_device,
     resolve_dtype,
+    wants_compile,
 )
 from nanogpt.errors import NanoGPTError
 
@@ -33,9 +35,15 @@ def test_unknown_or_absent_devices_are_clear_errors():
     assert resolve_device("cpu") == "cpu"
 
 
-def test_compile_uses_the_cpp_wrapper_on_cpu_only():
+def test_compile_is_opt_in_on_cpu_and_uses_the_cpp_wrapper_there_only():
+    assert not wants_compile(None, "cpu") and wants_compile(True, "cpu")
+    assert wants_compile(None, "cuda:1") and not wants_compile(False, "cuda")
     assert compile_options("cpu") == {"cpp_wrapper": True}
     assert compile_options("cuda") == {}
+
+
+def test_malloc_is_left_alone_for_gpu_runs():
+    assert not keep_freed_memory("cuda")
 
 
 STEP_FAULTS = """
@@ -43,7 +51,7 @@ import resource, sys, torch
 from nanogpt import GPT, GPTConfig
 from nanogpt.device import keep_freed_memory
 if sys.argv[1] == "keep":
-    assert keep_freed_memory()
+    assert keep_freed_memory("cpu")
 torch.set_num_threads(1)
 model = GPT(GPTConfig(block_size=64, vocab_size=65, n_layer=2, n_head=4, n_embd=128))
 x = torch.randint(65, (32, 64))

@@ -41,6 +41,7 @@ from nanogpt.device import (
     matmul_peak_flops,
     resolve_device,
     resolve_dtype,
+    wants_compile,
 )
 from nanogpt.errors import NanoGPTError
 from nanogpt.model import GPT, GPTConfig
@@ -71,8 +72,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     best_val_loss, total_train_time (seconds in optimizer steps, evals and checkpoints excluded),
     tokens_per_sec, iter_num, out_dir and stopped_by (the signal that stopped it early, or None)."""
     device = resolve_device(cfg.device)
-    if torch.device(device).type == "cpu":
-        keep_freed_memory()  # no page faults for each step's activations
+    keep_freed_memory(device)  # no page faults for each CPU step's activations
     env = distributed.init(device, cfg.backend)
     try:
         with StopRequest() as stop:
@@ -136,7 +136,7 @@ def _train(cfg: TrainConfig, env: DistEnv, device: str, stop: StopRequest) -> di
     # replicate (DDP) or shard (FSDP) across processes, then compile; the optimizer sees the final parameters
     wrapped = distributed.wrap(raw_model, env, cfg.parallel, device)
     model = wrapped
-    if cfg.compile if cfg.compile is not None else device_type == "cuda":
+    if wants_compile(cfg.compile, device):
         print("compiling the model... (takes a ~minute)")
         model = torch.compile(wrapped, options=compile_options(device))
     optimizer = raw_model.configure_optimizers(
