@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import resource
 import statistics
 import sys
@@ -33,6 +32,7 @@ import torch
 
 from nanogpt.bench import measure_generation
 from nanogpt.config import parse_options
+from nanogpt.device import device_name
 from nanogpt.model import GPT, GPTConfig
 from nanogpt.train.config import load_train_config
 
@@ -134,7 +134,7 @@ def main(argv: list[str]) -> int:
     results = {
         "options": asdict(opts),
         "machine": {
-            "cpu": platform.processor() or platform.machine(),
+            "cpu": device_name("cpu"),
             "cores": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__,

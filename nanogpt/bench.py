@@ -17,7 +17,6 @@ import contextlib
 import difflib
 import json
 import math
-import platform
 import statistics
 import sys
 import time
@@ -33,6 +32,7 @@ from nanogpt.device import (
     DTYPES,
     autocast,
     compile_options,
+    device_name,
     keep_freed_memory,
     matmul_peak_flops,
     resolve_device,
@@ -212,9 +212,7 @@ def run_bench(opts: BenchOptions, overrides: dict[str, Any]) -> dict[str, Any]:
     return {
         "source": source,
         "device": device,
-        "device_name": torch.cuda.get_device_name(device)
-        if device.startswith("cuda")
-        else platform.processor() or "cpu",
+        "device_name": device_name(device),
         "threads": torch.get_num_threads(),
         "dtype": dtype,
         "compile": compile,

@@ -8,6 +8,7 @@ import contextlib
 import ctypes
 import functools
 import os
+import platform
 import sys
 import time
 from pathlib import Path
@@ -47,6 +48,20 @@ def cpu_has_native_bf16() -> bool:
     except OSError:  # not Linux: no cheap way to tell, stay with float32
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def device_name(device: str) -> str:
+    """What benchmarks report the hardware as: the GPU's name, or the CPU's model name (Linux), else its
+    architecture."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or device
 
 
 def check_dtype(dtype: str) -> None:

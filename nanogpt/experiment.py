@@ -109,20 +109,18 @@ def markdown_table(final_info: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot_val_loss(curves: dict[str, dict[int, list[dict]]], path: Path) -> None:
-    """One panel per dataset, one line per seed: val loss against iteration."""
+def plot_val_loss(curves: dict[str, dict[str, list[dict]]], path: Path) -> None:
+    """One panel per title (a dataset), one line per label (a seed, a run): val loss against iteration."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 4), squeeze=False)
-    for ax, (dataset, runs) in zip(axes[0], curves.items(), strict=True):
-        for seed, evals in runs.items():
-            ax.plot(
-                [e["iter"] for e in evals], [e["val_loss"] for e in evals], marker=".", label=f"seed {seed}"
-            )
-        ax.set(title=dataset, xlabel="iteration", ylabel="val loss")
+    for ax, (title, runs) in zip(axes[0], curves.items(), strict=True):
+        for label, evals in runs.items():
+            ax.plot([e["iter"] for e in evals], [e["val_loss"] for e in evals], marker=".", label=label)
+        ax.set(title=title, xlabel="iteration", ylabel="val loss")
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
@@ -135,7 +133,7 @@ def run_experiment(opts: ExperimentOptions, overrides: dict[str, Any]) -> dict[s
     base = set_fields(load_train_config([opts.config]), overrides, "command line")
     out = Path(opts.out)
     infos: dict[str, list[dict]] = {}
-    curves: dict[str, dict[int, list[dict]]] = {}
+    curves: dict[str, dict[str, list[dict]]] = {}
     all_results: dict[str, Any] = {}
     for dataset in opts.dataset_names():
         for seed in range(base.seed, base.seed + opts.seeds):
@@ -145,7 +143,7 @@ def run_experiment(opts: ExperimentOptions, overrides: dict[str, Any]) -> dict[s
             info = run_one(cfg, opts.inference_tokens)
             train_log, val_log = train_and_val_logs(run_dir)
             infos.setdefault(dataset, []).append(info)
-            curves.setdefault(dataset, {})[seed] = val_log
+            curves.setdefault(dataset, {})[f"seed {seed}"] = val_log
             all_results[f"{dataset}_{seed}_final_info"] = info
             all_results[f"{dataset}_{seed}_train_info"] = train_log
             all_results[f"{dataset}_{seed}_val_info"] = val_log

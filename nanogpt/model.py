@@ -39,18 +39,18 @@ class KVCache:
     def __init__(self, max_len: int):
         self.max_len = max_len
         self.len = 0  # positions cached so far
-        self.kv: torch.Tensor | None = None  # (2, B, nh, max_len, hs), allocated on first use in k's dtype
+        self.kv: torch.Tensor | None = None  # (2, B, nh, max_len, hs), allocated on first use in kv's dtype
 
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Add (B, nh, T, hs) keys and values; return all cached ones, (B, nh, len, hs) each."""
-        B, nh, T, hs = k.shape
+    def append(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add (2, B, nh, T, hs) keys and values; return all cached ones, (B, nh, len, hs) each."""
+        _, B, nh, T, hs = kv.shape
         if self.kv is None:
-            self.kv = k.new_empty(2, B, nh, self.max_len, hs)
+            self.kv = kv.new_empty(2, B, nh, self.max_len, hs)
         end = self.len + T
-        self.kv[0, :, :, self.len : end] = k
-        self.kv[1, :, :, self.len : end] = v
+        self.kv[:, :, :, self.len : end] = kv  # one copy for keys and values: decoding is op-bound
         self.len = end
-        return self.kv[0, :, :, :end], self.kv[1, :, :, :end]
+        k, v = self.kv[:, :, :, :end].unbind(0)
+        return k, v
 
 
 class CausalSelfAttention(nn.Module):
@@ -79,27 +79,26 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
         B, T, C = x.size()  # batch, sequence length, n_embd
         hs = C // self.n_head  # head size
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        # (B, T, 3 C) -> (3, B, nh, T, hs): query, key and value of every head
+        qkv = self.c_attn(x).view(B, T, 3, self.n_head, hs).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # (B, nh, T, hs) each
         if kv_cache is not None:
-            k, v = kv_cache.append(k, v)  # (B, nh, S, hs), S = cached + T
+            k, v = kv_cache.append(qkv[1:])  # (B, nh, S, hs), S = cached + T
         S = k.size(2)
-        # the T queries are the last T of S positions: the mask's bottom-right (T, S) corner
-        mask = self.bias[S - T : S, :S]
         if self._use_sdpa(q):
             # fused kernel; is_causal only describes the square (S == T) case, one query needs no mask
             y = F.scaled_dot_product_attention(
                 q,
                 k,
                 v,
-                attn_mask=None if S == T or T == 1 else mask,
+                attn_mask=None if S == T or T == 1 else self.bias[S - T : S, :S],
                 dropout_p=self.dropout if self.training else 0.0,
                 is_causal=S == T and T > 1,
             )
         else:  # the plain path, kept for teaching and as the reference the fused kernel is tested against
-            # 0 where query i may look at key j, -inf where it may not
+            # the T queries are the last T of S positions: the mask's bottom-right (T, S) corner, as
+            # 0 where query i may look at key j and -inf where it may not
+            mask = self.bias[S - T : S, :S]
             causal = torch.zeros(T, S, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
             # one kernel scales q k^T and adds the mask (a third faster than matmul, mul and masked_fill
             # on a CPU): (B*nh, T, hs) x (B*nh, hs, S) -> (B*nh, T, S)
