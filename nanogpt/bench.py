@@ -155,13 +155,15 @@ def generation_tokens_per_second(
 
 
 def measure_generation(model: GPT, new_tokens: int, dtype: str, repeats: int) -> list[dict[str, Any]]:
-    """Tokens/s with and without the KV cache at each of GEN_BATCH_SIZES."""
+    """Tokens/s with and without the KV cache at each of GEN_BATCH_SIZES: medians of `repeats` runs of
+    each, the two timed in alternation so that a machine whose speed drifts slows both alike."""
     rows = []
     for batch_size in GEN_BATCH_SIZES:
-        rates = {
-            use_cache: generation_tokens_per_second(model, batch_size, new_tokens, use_cache, dtype, repeats)
-            for use_cache in (True, False)
-        }
+        runs: dict[bool, list[float]] = {True: [], False: []}
+        for _ in range(repeats):
+            for use_cache, timed in runs.items():
+                timed.append(generation_tokens_per_second(model, batch_size, new_tokens, use_cache, dtype, 1))
+        rates = {use_cache: statistics.median(r) for use_cache, r in runs.items()}
         rows.append(
             {
                 "batch_size": batch_size,

@@ -3,13 +3,14 @@ generation timer that the experiment runner and benchmarks/ share."""
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
 import torch
 
 from nanogpt import GPT, GPTConfig
-from nanogpt.bench import generation_tokens_per_second
+from nanogpt.bench import GEN_BATCH_SIZES, generation_tokens_per_second, measure_generation
 from nanogpt.checkpoint import save_checkpoint
 from nanogpt.cli import main as cli
 
@@ -77,3 +78,22 @@ def test_generation_timer_counts_all_sequences(use_cache, monkeypatch):
     assert generation_tokens_per_second(model, 4, 12, use_cache, repeats=3) == pytest.approx(4 * 12 / 2.0)
     assert calls[0] == (torch.Size([4, 1]), 8, use_cache)  # the untimed warm-up
     assert calls[1:] == [(torch.Size([4, 1]), 12, use_cache)] * 3
+
+
+def test_cache_and_recompute_are_timed_in_alternation(monkeypatch):
+    """A machine that slows down halfway must slow both paths alike: their runs alternate, medians kept."""
+    model = GPT(GPTConfig(block_size=16, vocab_size=10, n_layer=1, n_head=1, n_embd=8)).eval()
+    rates = {True: itertools.cycle([30.0, 10.0, 20.0]), False: itertools.cycle([2.0, 1.0, 4.0])}
+    order = []
+
+    def one_run(model, batch_size, new_tokens, use_cache, dtype, repeats):
+        assert repeats == 1
+        order.append((batch_size, use_cache))
+        return next(rates[use_cache])
+
+    monkeypatch.setattr("nanogpt.bench.generation_tokens_per_second", one_run)
+    rows = measure_generation(model, 12, "float32", repeats=3)
+    assert order == [(b, use_cache) for b in GEN_BATCH_SIZES for _ in range(3) for use_cache in (True, False)]
+    for row in rows:
+        assert (row["tokens_per_sec_kv_cache"], row["tokens_per_sec_recompute"]) == (20.0, 2.0)
+        assert row["kv_cache_speedup"] == 10.0
