@@ -22,14 +22,14 @@ TINY = dict(block_size=32, n_layer=2, n_head=2, n_embd=32)
 
 @pytest.fixture(scope="module")
 def char_ckpt(shakespeare_text, tmp_path_factory):
-    """out_dir of a tiny character model trained for 80 steps on tiny Shakespeare (about a second)."""
+    """out_dir of a tiny character model trained for 150 steps on tiny Shakespeare (about a second)."""
     tok = CharTokenizer.from_text(shakespeare_text)
     data = torch.tensor(tok.encode(shakespeare_text[:100_000]))
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=tok.vocab_size, **TINY))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     losses = []
-    for _ in range(80):
+    for _ in range(150):
         starts = torch.randint(len(data) - 33, (16,))
         x = torch.stack([data[s : s + 32] for s in starts])
         y = torch.stack([data[s + 1 : s + 33] for s in starts])
@@ -38,7 +38,9 @@ def char_ckpt(shakespeare_text, tmp_path_factory):
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-    assert losses[-1] < 3.0 < losses[0]  # it learnt something (ln 65 = 4.17 at chance)
+    # it learnt something (ln 65 = 4.17 at chance); the mean of 10 batches, as one batch's loss and the
+    # exact trajectory vary with the CPU's kernels and thread count (2.66-2.80 seen)
+    assert sum(losses[-10:]) / 10 < 3.2 < losses[0]
     out_dir = tmp_path_factory.mktemp("char_model")
     ckpt = {"model": model.state_dict(), "model_args": asdict(model.config), "tokenizer": tok.to_meta()}
     save_checkpoint(ckpt, out_dir)
