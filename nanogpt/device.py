@@ -130,18 +130,28 @@ def synchronize(device: str) -> None:
 
 
 @functools.cache
-def matmul_peak_flops(device: str, dtype: torch.dtype, repeats: int = 10) -> float:
+def matmul_peak_flops(device: str, dtype: torch.dtype, repeats: int = 10, max_seconds: float = 0.05) -> float:
     """FLOP/s of the fastest of `repeats` square matmuls, large enough to reach the device's peak: what
-    MFU is measured against on this machine (once per process)."""
-    n = 8192 if torch.device(device).type == "cuda" else 2048
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    a @ b  # warm up: library dispatch, thread pool, clocks
-    best = float("inf")
-    for _ in range(repeats):
-        synchronize(device)
-        t0 = time.perf_counter()
-        a @ b
-        synchronize(device)
-        best = min(best, time.perf_counter() - t0)
+    MFU is measured against on this machine (once per process). The size doubles from 256 up to 8192 on
+    a GPU (2048 on a CPU), or until one matmul takes max_seconds: a dtype the device only emulates
+    (float16 on most CPUs, ~2 GFLOP/s) is measured in a second instead of minutes."""
+    largest = 8192 if torch.device(device).type == "cuda" else 2048
+    n = 256
+    while True:
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        a @ b  # warm up: library dispatch, thread pool, clocks
+        seconds = _time_matmul(a, b, device)
+        if n >= largest or seconds > max_seconds:
+            break
+        n *= 2
+    best = min(_time_matmul(a, b, device) for _ in range(repeats))
     return 2 * n**3 / best
+
+
+def _time_matmul(a: torch.Tensor, b: torch.Tensor, device: str) -> float:
+    synchronize(device)
+    t0 = time.perf_counter()
+    a @ b
+    synchronize(device)
+    return time.perf_counter() - t0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 
@@ -12,6 +13,7 @@ from nanogpt.device import (
     compile_options,
     cpu_has_native_bf16,
     keep_freed_memory,
+    matmul_peak_flops,
     resolve_device,
     resolve_dtype,
     wants_compile,
@@ -79,3 +81,22 @@ def test_kept_freed_memory_saves_the_page_faults_of_each_training_step():
         for mode in ("default", "keep")
     }
     assert faults["keep"] < faults["default"] / 4, faults
+
+
+def test_matmul_peak_grows_the_size_only_while_a_matmul_is_quick(monkeypatch):
+    """The peak is measured at 2048 on a CPU, unless a dtype is so slow (emulated float16: ~2 GFLOP/s,
+    over a minute at 2048) that a small size already takes max_seconds."""
+    sizes = []
+    randn = torch.randn
+
+    def recording_randn(*shape, **kwargs):
+        sizes.append(shape[0])
+        return randn(*shape, **kwargs)
+
+    monkeypatch.setattr("nanogpt.device.torch.randn", recording_randn)
+    measure = matmul_peak_flops.__wrapped__  # uncached
+    assert measure("cpu", torch.float32, repeats=1, max_seconds=0.0) > 0
+    assert sizes == [256, 256]  # a and b, once
+    sizes.clear()
+    assert measure("cpu", torch.float32, repeats=1, max_seconds=math.inf) > 0
+    assert sizes[::2] == [256, 512, 1024, 2048]
