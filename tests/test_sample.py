@@ -40,7 +40,7 @@ def char_ckpt(shakespeare_text, tmp_path_factory):
         losses.append(loss.item())
     # it learnt something (ln 65 = 4.17 at chance); the mean of 10 batches, as one batch's loss and the
     # exact trajectory vary with the CPU's kernels and thread count (2.66-2.80 seen)
-    assert sum(losses[-10:]) / 10 < 3.2 < losses[0]
+    assert sum(losses[-10:]) / 10 < 3.0 < losses[0]
     out_dir = tmp_path_factory.mktemp("char_model")
     ckpt = {"model": model.state_dict(), "model_args": asdict(model.config), "tokenizer": tok.to_meta()}
     save_checkpoint(ckpt, out_dir)
