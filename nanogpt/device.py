@@ -41,12 +41,18 @@ def resolve_device(device: str) -> str:
 
 
 @functools.cache
-def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX: bf16 matmuls run ~3x float32 here. Without them bf16 is emulated and slower."""
+def _cpuinfo() -> str:
+    """/proc/cpuinfo, or "" where there is none (not Linux)."""
     try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:  # not Linux: no cheap way to tell, stay with float32
-        return False
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX: bf16 matmuls run ~3x float32 here. Without them bf16 is emulated and slower.
+    Without /proc/cpuinfo there is no cheap way to tell: float32 then."""
+    flags = _cpuinfo()
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
@@ -55,12 +61,9 @@ def device_name(device: str) -> str:
     architecture."""
     if torch.device(device).type == "cuda":
         return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
+    for line in _cpuinfo().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine() or device
 
 
