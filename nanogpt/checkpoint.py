@@ -1,4 +1,5 @@
 """The checkpoint format: one file, out_dir/ckpt.pt, written atomically and read without running code.
+(out_dir/resume.pt, the same format, holds a run stopped by a signal while ckpt.pt keeps its best model.)
 
 A checkpoint is a dict:
     model           state_dict (never with torch.compile's `_orig_mod.` prefix)
@@ -23,6 +24,9 @@ from nanogpt.errors import NanoGPTError
 from nanogpt.model import GPT, GPTConfig
 
 CKPT_NAME = "ckpt.pt"
+# a run that keeps only its best model in ckpt.pt (always_save_checkpoint=false) saves its state here
+# when a signal stops it, for init_from=resume; removed once ckpt.pt is newer or the run completes
+RESUME_NAME = "resume.pt"
 
 
 def checkpoint_path(path: str | Path) -> Path:
@@ -36,13 +40,19 @@ def clean_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     return {k.replace("_orig_mod.", ""): v for k, v in state_dict.items()}
 
 
-def save_checkpoint(ckpt: dict[str, Any], out_dir: str | Path) -> Path:
-    """Write ckpt to out_dir/ckpt.pt: to a temporary file, fsynced, then renamed over the old one, so a
+def resume_path(out_dir: str | Path) -> Path:
+    """The checkpoint init_from=resume continues from: a stopped run's resume.pt, else ckpt.pt."""
+    resume = Path(out_dir) / RESUME_NAME
+    return resume if resume.is_file() else Path(out_dir) / CKPT_NAME
+
+
+def save_checkpoint(ckpt: dict[str, Any], out_dir: str | Path, name: str = CKPT_NAME) -> Path:
+    """Write ckpt to out_dir/name: to a temporary file, fsynced, then renamed over the old one, so a
     crash or kill -9 at any moment leaves either the old or the new checkpoint, never a broken one."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / CKPT_NAME
-    fd, tmp = tempfile.mkstemp(prefix=f".{CKPT_NAME}.", suffix=".tmp", dir=out_dir)
+    path = out_dir / name
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=out_dir)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(ckpt, f)

@@ -124,6 +124,37 @@ def test_sigterm_saves_and_resumes_exactly(data_dir, tmp_path):
     assert loss_by_iter(stopped) == loss_by_iter(whole)
 
 
+def test_signal_stop_keeps_the_best_checkpoint(data_dir, tmp_path, monkeypatch):
+    """always_save_checkpoint=false: ckpt.pt is the best model, and a stop must not overwrite it with a worse
+    one. The stopped state goes to resume.pt, init_from=resume continues from it exactly, and a completed
+    run removes it."""
+    forward, calls = GPT.forward, []
+
+    def sigterm_in_iteration_6(self, idx, targets=None, kv_cache=None):
+        if self.training:
+            calls.append(1)
+            if len(calls) == 2 * 6 + 1:  # two micro-steps per iteration
+                os.kill(os.getpid(), signal.SIGTERM)
+        return forward(self, idx, targets, kv_cache)
+
+    stopped, whole = tmp_path / "stopped", tmp_path / "whole"
+    cfg = tiny(data_dir, stopped, max_iters=12, always_save_checkpoint=False, learning_rate=1e-2)
+    with monkeypatch.context() as m:
+        m.setattr(GPT, "forward", sigterm_in_iteration_6)
+        result = train(cfg)
+    assert result["stopped_by"] == "SIGTERM" and result["iter_num"] == 7
+    best = load_checkpoint(stopped)
+    evals = {r["iter"]: r["val_loss"] for r in read_metrics(stopped) if "val_loss" in r}
+    assert best["iter_num"] == min(evals, key=evals.get) == 4  # still the best model
+    assert load_checkpoint(stopped / "resume.pt")["iter_num"] == 7
+
+    train(set_fields(cfg, {"init_from": "resume"}, where="test"))
+    train(set_fields(cfg, {"out_dir": str(whole)}, where="test"))
+    assert loss_by_iter(stopped) == loss_by_iter(whole)
+    assert not (stopped / "resume.pt").exists()
+    assert load_checkpoint(stopped)["iter_num"] == load_checkpoint(whole)["iter_num"]
+
+
 def test_kill_9_during_saves_leaves_a_good_checkpoint(data_dir, tmp_path):
     """A checkpoint at every iteration, killed at an arbitrary moment: the last one on disk still loads."""
     out = tmp_path / "run"

@@ -30,7 +30,14 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from nanogpt.checkpoint import clean_state_dict, load_checkpoint, save_checkpoint
+from nanogpt.checkpoint import (
+    CKPT_NAME,
+    RESUME_NAME,
+    clean_state_dict,
+    load_checkpoint,
+    resume_path,
+    save_checkpoint,
+)
 from nanogpt.config import to_dict
 from nanogpt.data.loader import BatchLoader, read_meta
 from nanogpt.device import (
@@ -124,7 +131,7 @@ def _train(cfg: TrainConfig, env: DistEnv, device: str, stop: StopRequest) -> di
     # data, and the model: from scratch, from out_dir's checkpoint, or from GPT-2 weights
     data_dir = dataset_dir(cfg, env)
     meta = read_meta(data_dir)
-    ckpt = load_checkpoint(cfg.out_dir, map_location="cpu") if cfg.init_from == "resume" else None
+    ckpt = load_checkpoint(resume_path(cfg.out_dir), map_location="cpu") if cfg.init_from == "resume" else None
     _seed_everything(cfg.seed)  # the same initial weights on every rank (FSDP shards them as they are)
     raw_model = init_model(cfg, meta, ckpt).to(device)
     block_size = raw_model.config.block_size
@@ -160,8 +167,9 @@ def _train(cfg: TrainConfig, env: DistEnv, device: str, stop: StopRequest) -> di
     run_log = RunLog(cfg, start_iter) if env.master else None
     say = run_log.message if run_log else lambda text: None
 
-    def checkpoint(batch_state: dict) -> None:
-        """Save everything that decides the next steps (a collective: every rank calls it)."""
+    def checkpoint(batch_state: dict, name: str = CKPT_NAME) -> None:
+        """Save everything that decides the next steps (a collective: every rank calls it) to ckpt.pt,
+        or to resume.pt when a signal stops a run whose ckpt.pt keeps its best model."""
         model_state, optimizer_state = get_state_dict(wrapped, optimizer, options=FULL_STATE)
         rng = distributed.gather(_rng_state(device), env)
         if env.master:
@@ -177,7 +185,9 @@ def _train(cfg: TrainConfig, env: DistEnv, device: str, stop: StopRequest) -> di
                 "rng": rng,  # one state per rank
                 "loader": batch_state,
             }
-            say(f"saving checkpoint to {save_checkpoint(state, cfg.out_dir)}")
+            say(f"saving checkpoint to {save_checkpoint(state, cfg.out_dir, name)}")
+            if name == CKPT_NAME:
+                (Path(cfg.out_dir) / RESUME_NAME).unlink(missing_ok=True)  # ckpt.pt is newer now
 
     train_time, last_eval, last_loss = 0.0, {}, math.nan
     batch_state = loader.state_dict()  # the loader's state before the pending batch: a resume redraws it
@@ -205,6 +215,8 @@ def _train(cfg: TrainConfig, env: DistEnv, device: str, stop: StopRequest) -> di
                     if iter_num > start_iter:  # the state at start_iter is already on disk (or is GPT-2's)
                         checkpoint(batch_state)
             if cfg.eval_only or iter_num >= cfg.max_iters:
+                if env.master and not cfg.eval_only:  # complete: a stopped part's state is superseded
+                    (Path(cfg.out_dir) / RESUME_NAME).unlink(missing_ok=True)
                 break
 
             # forward backward update, with gradient accumulation to simulate a larger batch
@@ -253,7 +265,7 @@ def _train(cfg: TrainConfig, env: DistEnv, device: str, stop: StopRequest) -> di
 
             # SIGINT / SIGTERM: every rank stops after the same step
             if distributed.any_rank(stop.signal_name is not None, env, device):
-                checkpoint(batch_state)
+                checkpoint(batch_state, CKPT_NAME if cfg.always_save_checkpoint else RESUME_NAME)
                 say(
                     f"stopped by {stop.signal_name or 'another rank'} at iteration {iter_num}. To resume: the same "
                     f"command with --init_from=resume --out_dir={cfg.out_dir}"
