@@ -131,7 +131,9 @@ def _train(cfg: TrainConfig, env: DistEnv, device: str, stop: StopRequest) -> di
     # data, and the model: from scratch, from out_dir's checkpoint, or from GPT-2 weights
     data_dir = dataset_dir(cfg, env)
     meta = read_meta(data_dir)
-    ckpt = load_checkpoint(resume_path(cfg.out_dir), map_location="cpu") if cfg.init_from == "resume" else None
+    ckpt = (
+        load_checkpoint(resume_path(cfg.out_dir), map_location="cpu") if cfg.init_from == "resume" else None
+    )
     _seed_everything(cfg.seed)  # the same initial weights on every rank (FSDP shards them as they are)
     raw_model = init_model(cfg, meta, ckpt).to(device)
     block_size = raw_model.config.block_size
