@@ -11,6 +11,8 @@ matmul peak, its peak RSS (measured in a separate pass first: VmHWM reset throug
 and its minor page faults per step. The timed rounds run with malloc keeping freed memory, as training
 does (nanogpt.device.keep_freed_memory); --glibc-default times them without.
 Inputs are random tokens: data loading is not timed here (it is ~0.2 ms per batch, see test_loader).
+Last, the step's matrix products alone in fp32 and bf16: their ratio is the ceiling of the bf16 speedup
+where matmuls are most of the step.
 """
 
 from __future__ import annotations
@@ -95,6 +97,33 @@ def hf_step(cfg: GPTConfig, batch: int, bf16: bool, attn_implementation: str) ->
     return step
 
 
+def step_matmuls(cfg: GPTConfig, batch: int, dtype: torch.dtype) -> Callable:
+    """Only the matrix products of one training step, at their shapes and in `dtype`: per Linear the
+    forward x W^T, the input gradient dy W and the weight gradient dy^T x; per layer the attention's
+    q k^T and att v, forward and backward. Their fp32 / bf16 time ratio bounds what bf16 can buy here."""
+    N, C, T, nh = batch * cfg.block_size, cfg.n_embd, cfg.block_size, cfg.n_head
+    linears = [(C, 3 * C), (C, C), (C, 4 * C), (4 * C, C)] * cfg.n_layer + [(C, cfg.vocab_size)]
+    ops: list[Callable] = []
+    for fan_in, fan_out in linears:
+        x, w = torch.randn(N, fan_in, dtype=dtype), torch.randn(fan_out, fan_in, dtype=dtype)
+        dy = torch.randn(N, fan_out, dtype=dtype)
+        ops += [lambda x=x, w=w: x @ w.t(), lambda dy=dy, w=w: dy @ w, lambda dy=dy, x=x: dy.t() @ x]
+    q, k, v = (torch.randn(batch * nh, T, C // nh, dtype=dtype) for _ in range(3))
+    att = torch.randn(batch * nh, T, T, dtype=dtype)
+    attention = [
+        lambda: q @ k.transpose(1, 2),  # the scores; backward: d(att) = dy v^T
+        lambda: att @ v,  # the output; backward: dq = d(scores) k
+        lambda: att.transpose(1, 2) @ q,  # backward: dv = att^T dy, dk = d(scores)^T q
+    ]
+    ops += attention * (2 * cfg.n_layer)  # each shape twice per layer
+
+    def run() -> None:
+        for op in ops:
+            op()
+
+    return run
+
+
 def round_robin(
     steps: dict[str, Callable], rounds: int, per_round: int, warmup: int
 ) -> tuple[dict[str, float], dict[str, float]]:
@@ -165,6 +194,13 @@ def main() -> None:
     rss = {name: rss_of(make) for name, make in makers.items()}  # before malloc keeps freed memory
     malloc_tuned = keep_freed_memory("cpu") if args.keep_freed_memory else False
     medians, faults = round_robin({name: make() for name, make in makers.items()}, args.rounds, 3, warmup=3)
+    matmul_medians, _ = round_robin(
+        {dtype: step_matmuls(cfg, B, getattr(torch, dtype)) for dtype in ("float32", "bfloat16")},
+        args.rounds,
+        3,
+        warmup=3,
+    )
+    matmul_ms = {dtype: 1000 * t for dtype, t in matmul_medians.items()}
     flops_per_step = our_step(cfg, B, False, False, False)[1].flops_per_token() * B * args.block_size
     peaks = {
         "float32": matmul_peak_flops("cpu", torch.float32),
@@ -235,6 +271,8 @@ def main() -> None:
         "peak_flops": peaks,
         "compile_seconds": compile_seconds,
         "rows": rows,
+        "step_matmuls_ms": matmul_ms,  # the matmuls of one step alone
+        "step_matmuls_fp32_over_bf16": matmul_ms["float32"] / matmul_ms["bfloat16"],
         **vs_hf,
         "scaling": scaling,
     }
@@ -253,6 +291,10 @@ def main() -> None:
         )
     print("ours / HF: " + ", ".join(f"{name} {ratio:.2f}x" for name, ratio in vs_hf.items()), end="")
     print(f"; compile time {compile_seconds:.0f} s" if compile_seconds else "")
+    print(
+        f"the step's matmuls alone: fp32 {matmul_ms['float32']:.1f} ms, bf16 {matmul_ms['bfloat16']:.1f} ms "
+        f"({result['step_matmuls_fp32_over_bf16']:.2f}x): the most bf16 buys where matmuls dominate"
+    )
     if scaling:
         print("\n| block | n_embd | params | fp32 ms | bf16 ms | bf16 tokens/s | bf16 speedup |")
         print("|---:|---:|---:|---:|---:|---:|---:|")
