@@ -12,6 +12,7 @@ exactly once. The loss is the mean over all those tokens (not a mean of batch me
 
 from __future__ import annotations
 
+import codecs
 import json
 import math
 import sys
@@ -79,14 +80,15 @@ def token_losses(
 
 
 def text_size(tokens: np.ndarray, tokenizer: Any) -> tuple[int, int]:
-    """(characters, UTF-8 bytes) of the text `tokens` decode to. Decoded in chunks to bound memory; a
-    chunk edge inside a multi-byte character miscounts it by at most 2 bytes per million tokens."""
+    """(characters, UTF-8 bytes) of the text `tokens` stand for, exactly. Decoded in chunks to bound
+    memory, through one incremental UTF-8 decoder: a character that a chunk edge cuts counts once."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     chars = n_bytes = 0
     for start in range(0, len(tokens), _DECODE_CHUNK):
-        text = tokenizer.decode(tokens[start : start + _DECODE_CHUNK].tolist())
-        chars += len(text)
-        n_bytes += len(text.encode("utf-8"))
-    return chars, n_bytes
+        data = tokenizer.decode_bytes(tokens[start : start + _DECODE_CHUNK].tolist())
+        n_bytes += len(data)
+        chars += len(decoder.decode(data))
+    return chars + len(decoder.decode(b"", final=True)), n_bytes
 
 
 def evaluate(

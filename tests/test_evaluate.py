@@ -17,8 +17,8 @@ from nanogpt.checkpoint import save_checkpoint
 from nanogpt.cli import main as cli
 from nanogpt.data.loader import load_split
 from nanogpt.data.prepare import prepare_dataset
-from nanogpt.data.tokenizers import ByteTokenizer, tokenizer_from_meta
-from nanogpt.evaluate import evaluate
+from nanogpt.data.tokenizers import ByteTokenizer, CharTokenizer, GPT2Tokenizer, tokenizer_from_meta
+from nanogpt.evaluate import evaluate, text_size
 
 TINY = dict(block_size=32, n_layer=1, n_head=2, n_embd=32)
 
@@ -118,3 +118,16 @@ def test_bits_per_byte_and_per_char_differ_for_multibyte_text():
     assert r["bits_per_char"] == pytest.approx(
         r["bits_per_byte"] * (len(tokens) - 1) / (len(text) - 1), rel=1e-9
     )
+
+
+@pytest.mark.parametrize("tokenizer", ["byte", "char", "gpt2"])
+@pytest.mark.parametrize("chunk", [1, 2, 3, 7, 1 << 20])
+def test_text_size_is_exact_whatever_the_chunk_edges(tokenizer, chunk, monkeypatch):
+    """Characters and bytes are counted in chunks of tokens; a chunk edge inside a multi-byte character
+    (a byte token, or a BPE token holding part of one) must not change the counts."""
+    text = "naïve café — 日本語 ünïcödé 🙂 text, " * 5
+    makers = {"byte": ByteTokenizer, "char": lambda: CharTokenizer.from_text(text), "gpt2": GPT2Tokenizer}
+    tok = makers[tokenizer]()
+    tokens = tok.encode_array(text)
+    monkeypatch.setattr("nanogpt.evaluate._DECODE_CHUNK", chunk)
+    assert text_size(tokens, tok) == (len(text), len(text.encode("utf-8")))

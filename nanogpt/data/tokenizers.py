@@ -35,6 +35,8 @@ class Tokenizer(Protocol):
 
     def decode(self, ids: Sequence[int]) -> str: ...
 
+    def decode_bytes(self, ids: Sequence[int]) -> bytes: ...  # the UTF-8 bytes the ids stand for
+
     def encode_array(self, text: str) -> np.ndarray: ...  # 1-D, dtype token_dtype(vocab_size)
 
     def to_meta(self) -> dict: ...
@@ -128,6 +130,9 @@ class CharTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return self._codepoints[_check_ids(ids, self.vocab_size)].tobytes().decode("utf-32-le")
 
+    def decode_bytes(self, ids: Sequence[int]) -> bytes:
+        return self.decode(ids).encode("utf-8")
+
     def to_meta(self) -> dict:
         return {"name": self.name, "chars": self.chars}
 
@@ -152,7 +157,10 @@ class ByteTokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         # a window of bytes may cut a multi-byte character: show U+FFFD instead of failing
-        return _check_ids(ids, self.vocab_size).astype(np.uint8).tobytes().decode("utf-8", errors="replace")
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def decode_bytes(self, ids: Sequence[int]) -> bytes:
+        return _check_ids(ids, self.vocab_size).astype(np.uint8).tobytes()
 
     def to_meta(self) -> dict:
         return {"name": self.name}
@@ -237,6 +245,9 @@ class GPT2Tokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._enc.decode(_check_ids(ids, self.vocab_size).tolist())
+
+    def decode_bytes(self, ids: Sequence[int]) -> bytes:
+        return self._enc.decode_bytes(_check_ids(ids, self.vocab_size).tolist())
 
     def to_meta(self) -> dict:
         return {"name": self.name}
