@@ -13,14 +13,13 @@ Everything in it is a tensor, number, string, list or dict: `torch.load(weights_
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from nanogpt.errors import NanoGPTError
+from nanogpt.files import atomic_open
 from nanogpt.model import GPT, GPTConfig
 
 CKPT_NAME = "ckpt.pt"
@@ -47,26 +46,11 @@ def resume_path(out_dir: str | Path) -> Path:
 
 
 def save_checkpoint(ckpt: dict[str, Any], out_dir: str | Path, name: str = CKPT_NAME) -> Path:
-    """Write ckpt to out_dir/name: to a temporary file, fsynced, then renamed over the old one, so a
-    crash or kill -9 at any moment leaves either the old or the new checkpoint, never a broken one."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / name
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=out_dir)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(ckpt, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(out_dir, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
+    """Write ckpt to out_dir/name atomically and durably (nanogpt.files): a crash or kill -9 at any
+    moment leaves either the old or the new checkpoint, never a broken one."""
+    path = Path(out_dir) / name
+    with atomic_open(path, "wb", durable=True) as f:
+        torch.save(ckpt, f)
     return path
 
 

@@ -13,6 +13,10 @@ Layout (one folder per run is the trainer's out_dir):
 
 Seeds are the training config's seed (the preset's, or --seed) plus 0, 1, ...: `nanogpt train ...
 --seed=S` reproduces OUT/DATASET/seed_S. Any other --key=value overrides every run's TrainConfig.
+
+Ctrl-C (or SIGTERM) saves the current run and stops the experiment. The same command again continues it:
+finished runs are kept, a stopped one resumes exactly where it stopped (init_from=resume), the rest run.
+A run folder made with another training config is an error, not silently reused.
 The two JSON files keep the layout of the AI-Scientist nanoGPT template, so its tools read them.
 """
 
@@ -26,10 +30,11 @@ from pathlib import Path
 from typing import Any
 
 from nanogpt.bench import generation_tokens_per_second, split_options
-from nanogpt.checkpoint import load_model
-from nanogpt.config import read_argv, set_fields
+from nanogpt.checkpoint import load_model, resume_path
+from nanogpt.config import read_argv, set_fields, to_dict
 from nanogpt.device import resolve_device
 from nanogpt.errors import NanoGPTError
+from nanogpt.files import atomic_open, write_text_atomic
 from nanogpt.train.config import TrainConfig, load_train_config
 from nanogpt.train.metrics import read_metrics
 from nanogpt.train.trainer import train
@@ -71,15 +76,45 @@ def train_and_val_logs(out_dir: Path) -> tuple[list[dict], list[dict]]:
     return [m for m in lines if "val_loss" not in m], [m for m in lines if "val_loss" in m]
 
 
-def run_one(cfg: TrainConfig, inference_tokens: int) -> dict[str, Any]:
-    """Train one run, time a short generation from its checkpoint, write out_dir/final_info.json."""
+# how a run is shown or where it starts from: a folder that differs only in these is the same run
+_SAME_RUN_IGNORES = ("init_from", "progress")
+_EARLIER_NOTE = {"done": " (done earlier: kept)", "stopped": " (stopped earlier: resuming)", "none": ""}
+
+
+def earlier_run(cfg: TrainConfig) -> str:
+    """What an earlier invocation left in cfg.out_dir: "done" (its final_info.json), "stopped" (a
+    checkpoint to resume from) or "none". Done or stopped with another training config is an error."""
+    run_dir = Path(cfg.out_dir)
+    if (run_dir / "final_info.json").is_file():
+        state = "done"
+    elif resume_path(run_dir).is_file():
+        state = "stopped"
+    else:
+        return "none"
+    config_file = run_dir / "config.json"
+    earlier = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    now = json.loads(json.dumps(to_dict(cfg)))  # as the trainer wrote it: tuples as lists
+    differ = sorted(k for k in now.keys() - _SAME_RUN_IGNORES if earlier.get(k, now[k]) != now[k])
+    if not earlier or differ:
+        raise NanoGPTError(
+            f"{run_dir} holds a run with another training config (differs in: "
+            f"{', '.join(differ) or 'no config.json'}): use another --out, or delete that folder"
+        )
+    return state
+
+
+def run_one(cfg: TrainConfig, inference_tokens: int) -> dict[str, Any] | None:
+    """Train one run, time a short generation from its checkpoint, write out_dir/final_info.json.
+    None if a signal stopped it (saved, to resume)."""
     result = train(cfg)
+    if result["stopped_by"]:
+        return None
     model, _ = load_model(cfg.out_dir, resolve_device(cfg.device))
     # float32 inference, like `nanogpt sample`'s default: comparable across runs and devices
     tokens_per_sec = generation_tokens_per_second(model, 1, inference_tokens)
     info = {name: result[name] for name in METRICS[:3]} | {"avg_inference_tokens_per_second": tokens_per_sec}
     info |= {"dataset": cfg.dataset, "seed": cfg.seed, "iter_num": result["iter_num"]}
-    (Path(cfg.out_dir) / "final_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    write_text_atomic(Path(cfg.out_dir) / "final_info.json", json.dumps(info, indent=2) + "\n")
     return info
 
 
@@ -124,12 +159,14 @@ def plot_val_loss(curves: dict[str, dict[str, list[dict]]], path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=120)
     plt.close(fig)
 
 
-def run_experiment(opts: ExperimentOptions, overrides: dict[str, Any]) -> dict[str, Any]:
-    """Every run of the experiment, then the aggregate files; returns the aggregate (final_info.json)."""
+def run_experiment(opts: ExperimentOptions, overrides: dict[str, Any]) -> dict[str, Any] | None:
+    """Every run of the experiment, then the aggregate files; returns the aggregate (final_info.json), or
+    None if a signal stopped a run (it is saved; the same call again continues the experiment)."""
     base = set_fields(load_train_config([opts.config]), overrides, "command line")
     out = Path(opts.out)
     infos: dict[str, list[dict]] = {}
@@ -138,9 +175,21 @@ def run_experiment(opts: ExperimentOptions, overrides: dict[str, Any]) -> dict[s
     for dataset in opts.dataset_names():
         for seed in range(base.seed, base.seed + opts.seeds):
             run_dir = out / dataset / f"seed_{seed}"
-            print(f"=== experiment: {dataset}, seed {seed} -> {run_dir}")
             cfg = set_fields(base, {"dataset": dataset, "seed": seed, "out_dir": str(run_dir)}, "experiment")
-            info = run_one(cfg, opts.inference_tokens)
+            state = earlier_run(cfg)
+            print(f"=== experiment: {dataset}, seed {seed} -> {run_dir}{_EARLIER_NOTE[state]}")
+            if state == "done":
+                info = json.loads((run_dir / "final_info.json").read_text())
+            else:
+                if state == "stopped":
+                    cfg = set_fields(cfg, {"init_from": "resume"}, "experiment")
+                info = run_one(cfg, opts.inference_tokens)
+                if info is None:
+                    print(
+                        f"experiment stopped during {run_dir} (saved). To continue: the same command again; "
+                        "finished runs are kept and this one resumes"
+                    )
+                    return None
             train_log, val_log = train_and_val_logs(run_dir)
             infos.setdefault(dataset, []).append(info)
             curves.setdefault(dataset, {})[f"seed {seed}"] = val_log
@@ -149,9 +198,9 @@ def run_experiment(opts: ExperimentOptions, overrides: dict[str, Any]) -> dict[s
             all_results[f"{dataset}_{seed}_val_info"] = val_log
     final_info = aggregate(infos)
     table = markdown_table(final_info)
-    (out / "all_results.json").write_text(json.dumps(all_results, indent=2) + "\n")
-    (out / "final_info.json").write_text(json.dumps(final_info, indent=2) + "\n")
-    (out / "results.md").write_text(table + "\n")
+    write_text_atomic(out / "all_results.json", json.dumps(all_results, indent=2) + "\n")
+    write_text_atomic(out / "final_info.json", json.dumps(final_info, indent=2) + "\n")
+    write_text_atomic(out / "results.md", table + "\n")
     plot_val_loss(curves, out / "val_loss.png")
     print(f"\n{table}\n\nresults in {out}/: final_info.json, all_results.json, results.md, val_loss.png")
     return final_info

@@ -1,5 +1,5 @@
-"""`nanogpt experiment`: 2 seeds of a tiny config write every file, and the aggregates are the mean and
-standard error of the per-run values."""
+"""`nanogpt experiment`: 2 seeds of a tiny config write every file, the aggregates are the mean and
+standard error of the per-run values, and a stopped experiment continues where it stopped."""
 
 from __future__ import annotations
 
@@ -7,12 +7,16 @@ import contextlib
 import io
 import json
 import math
+import os
+import signal
 
 import numpy as np
 import pytest
 
 from nanogpt.cli import main as cli
 from nanogpt.experiment import METRICS, mean_and_stderr
+from nanogpt.model import GPT
+from nanogpt.train.metrics import read_metrics
 
 TINY = [
     "--n_layer=1",
@@ -30,16 +34,21 @@ TINY = [
 ]
 
 
+def run_experiment(out, data_dir, *extra: str, exit_code: int = 0) -> str:
+    """A 2-seed experiment on shakespeare_char (prepared on the way); its stdout."""
+    args = ["--datasets=shakespeare_char", "--seeds=2", f"--out={out}", f"--data_dir={data_dir}"]
+    with contextlib.redirect_stdout(io.StringIO()) as stdout:
+        assert cli(["experiment", *args, "--inference_tokens=8", "--seed=5", *TINY, *extra]) == exit_code
+    return stdout.getvalue()
+
+
 @pytest.fixture(scope="module")
 def experiment(sources_dir, tmp_path_factory):
-    """(out folder, stdout) of a 2-seed experiment on shakespeare_char, the dataset prepared on the way."""
+    """(out folder, stdout) of a 2-seed experiment on shakespeare_char."""
     tmp = tmp_path_factory.mktemp("experiment")
-    args = ["--datasets=shakespeare_char", "--seeds=2", f"--out={tmp / 'runs'}", f"--data_dir={tmp / 'data'}"]
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("NANOGPT_DATA_SOURCES", str(sources_dir))
-        with contextlib.redirect_stdout(io.StringIO()) as out:
-            assert cli(["experiment", *args, "--inference_tokens=8", "--seed=5", *TINY]) == 0
-    return tmp / "runs", out.getvalue()
+        return tmp / "runs", run_experiment(tmp / "runs", tmp / "data")
 
 
 def test_every_run_writes_its_final_info(experiment):
@@ -94,3 +103,39 @@ def test_mean_and_stderr():
 def test_bad_options(arg, message, capsys):
     assert cli(["experiment", arg]) == 1
     assert message in capsys.readouterr().err
+
+
+def test_a_stopped_experiment_continues_where_it_stopped(experiment, tmp_path, monkeypatch, capsys):
+    """SIGTERM in seed 6's iteration 3: seed 5 is done, seed 6 saved, no aggregates yet. The same command
+    again keeps seed 5, resumes seed 6 exactly (its losses equal the uninterrupted experiment's) and
+    writes the aggregates. The same folder with another config is refused."""
+    whole, _ = experiment
+    data_dir, out = whole.parent / "data", tmp_path / "runs"
+    forward, calls = GPT.forward, []
+
+    def sigterm_in_seed_6(self, idx, targets=None, kv_cache=None):
+        if self.training:
+            calls.append(1)
+            if len(calls) == 12 + 4:  # seed 5's 12 iterations, then seed 6's 4th
+                os.kill(os.getpid(), signal.SIGTERM)
+        return forward(self, idx, targets, kv_cache)
+
+    with monkeypatch.context() as m:
+        m.setattr(GPT, "forward", sigterm_in_seed_6)
+        stdout = run_experiment(out, data_dir)
+    assert "the same command again" in stdout and not (out / "final_info.json").exists()
+    seed_5, seed_6 = (out / "shakespeare_char" / f"seed_{s}" for s in (5, 6))
+    assert (seed_5 / "final_info.json").is_file() and not (seed_6 / "final_info.json").exists()
+    done = (seed_5 / "final_info.json").read_text()
+
+    stdout = run_experiment(out, data_dir)
+    assert "(done earlier: kept)" in stdout and "(stopped earlier: resuming)" in stdout
+    assert (seed_5 / "final_info.json").read_text() == done
+    losses = lambda run: [(r["iter"], r.get("loss"), r.get("val_loss")) for r in read_metrics(run)]
+    assert losses(seed_6) == losses(whole / "shakespeare_char" / "seed_6")
+    best = lambda out: json.loads((out / "final_info.json").read_text())["shakespeare_char"]["means"]
+    assert best(out)["best_val_loss_mean"] == best(whole)["best_val_loss_mean"]
+
+    capsys.readouterr()
+    run_experiment(out, data_dir, "--max_iters=20", exit_code=1)
+    assert "another training config (differs in: max_iters)" in capsys.readouterr().err

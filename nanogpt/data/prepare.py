@@ -40,6 +40,7 @@ from nanogpt.data.tokenizers import (
     token_dtype,
 )
 from nanogpt.errors import NanoGPTError
+from nanogpt.files import write_text_atomic
 
 FORMAT = 1  # meta.json's layout version; a prepared folder of another version is prepared again
 _PIECE = 1 << 23  # characters (or bytes) encoded per step: bounds memory and paces the progress bar
@@ -190,12 +191,6 @@ def _write_bins(out: Path, streams: dict[str, Iterable[np.ndarray]], dtype: np.d
     return counts
 
 
-def _write_meta(out: Path, meta: dict) -> None:
-    tmp = out / f".meta.json.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, out / "meta.json")
-
-
 def _finish(out: Path, meta: dict, tok: Tokenizer, counts: dict[str, int]) -> Path:
     meta |= {
         "tokenizer": tok.to_meta(),
@@ -204,7 +199,7 @@ def _finish(out: Path, meta: dict, tok: Tokenizer, counts: dict[str, int]) -> Pa
         "dtype": token_dtype(tok.vocab_size).name,
     }
     meta |= {f"{split}_tokens": n for split, n in counts.items()}
-    _write_meta(out, meta)
+    write_text_atomic(out / "meta.json", json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
     tokens = ", ".join(f"{split} {n:,}" for split, n in counts.items())
     print(f"{meta['dataset']}: {tokens} tokens (vocab {tok.vocab_size}, {meta['dtype']}) -> {out}")
     return out

@@ -9,7 +9,6 @@ metrics.jsonl has one JSON object per line:
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from tqdm import tqdm
 
 from nanogpt.config import to_dict
 from nanogpt.errors import NanoGPTError
+from nanogpt.files import atomic_open, write_text_atomic
 from nanogpt.train.config import TrainConfig
 
 METRICS_NAME = "metrics.jsonl"
@@ -41,7 +41,7 @@ class RunLog:
         kept = read_metrics(self.out_dir) if cfg.init_from == "resume" else []
         self.records = [r for r in kept if r["iter"] < start_iter]
         path = self.out_dir / METRICS_NAME
-        path.write_text("".join(json.dumps(r) + "\n" for r in self.records), encoding="utf-8")
+        write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in self.records))
         self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
         show_bar = cfg.progress == "bar" or (cfg.progress == "auto" and sys.stdout.isatty())
         self.bar = tqdm(
@@ -112,10 +112,9 @@ class RunLog:
         ax.set(xlabel="iteration", ylabel="loss", title=str(self.out_dir))
         ax.grid(alpha=0.3)
         ax.legend()
-        tmp = self.out_dir / f".{PLOT_NAME}.tmp.png"
-        fig.savefig(tmp, dpi=100)
+        with atomic_open(self.out_dir / PLOT_NAME, "wb") as f:
+            fig.savefig(f, format="png", dpi=100)
         plt.close(fig)
-        os.replace(tmp, self.out_dir / PLOT_NAME)
 
     def close(self) -> None:
         self.bar.close()

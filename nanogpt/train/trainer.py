@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import signal
 import threading
@@ -51,6 +50,7 @@ from nanogpt.device import (
     wants_compile,
 )
 from nanogpt.errors import NanoGPTError
+from nanogpt.files import write_text_atomic
 from nanogpt.model import GPT, GPTConfig
 from nanogpt.train import distributed
 from nanogpt.train.config import TrainConfig, load_train_config, train_help
@@ -120,7 +120,7 @@ def _train(cfg: TrainConfig, env: DistEnv, device: str, stop: StopRequest) -> di
     accum = distributed.per_rank_accumulation(cfg.gradient_accumulation_steps, env.world_size)
     if env.master:
         print(f"config: {json.dumps(to_dict(cfg))}")
-        _write_atomic(Path(cfg.out_dir) / "config.json", json.dumps(to_dict(cfg), indent=2) + "\n")
+        write_text_atomic(Path(cfg.out_dir) / "config.json", json.dumps(to_dict(cfg), indent=2) + "\n")
         print(f"device {device}, dtype {str(dtype).removeprefix('torch.')}, {env.world_size} process(es)")
     torch.backends.cuda.matmul.allow_tf32 = True  # tf32 matmuls and convolutions on Ampere+ GPUs
     torch.backends.cudnn.allow_tf32 = True
@@ -416,10 +416,3 @@ def _restore_rng(states: list[dict[str, Any]], env: DistEnv, device: str) -> Non
     torch.set_rng_state(state["torch"])
     if state["cuda"] is not None and device.startswith("cuda"):
         torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
