@@ -14,6 +14,7 @@ from nanogpt.device import (
     cpu_has_native_bf16,
     keep_freed_memory,
     matmul_peak_flops,
+    one_position_kernels,
     resolve_device,
     resolve_dtype,
     wants_compile,
@@ -100,3 +101,20 @@ def test_matmul_peak_grows_the_size_only_while_a_matmul_is_quick(monkeypatch):
     sizes.clear()
     assert measure("cpu", torch.float32, repeats=1, max_seconds=math.inf) > 0
     assert sizes[::2] == [256, 512, 1024, 2048]
+
+
+def test_decoding_steps_leave_onednn_only_in_float32_on_a_cpu():
+    """oneDNN is off inside the context for float32 CPU work only (bf16 matmuls need it) and is restored
+    after, also when the step raises."""
+    cpu, onednn = torch.device("cpu"), lambda: torch.backends.mkldnn.enabled
+    assert onednn()
+    with one_position_kernels(cpu, torch.float32):
+        assert not onednn()
+    assert onednn()
+    with one_position_kernels(cpu, torch.bfloat16):
+        assert onednn()
+    with torch.autocast("cpu", dtype=torch.bfloat16), one_position_kernels(cpu, torch.float32):
+        assert onednn()
+    with pytest.raises(ValueError), one_position_kernels(cpu, torch.float32):
+        raise ValueError
+    assert onednn()

@@ -10,6 +10,7 @@ import torch
 from torch.nn import functional as F
 
 from nanogpt import GPT, GPTConfig
+from nanogpt.device import one_position_kernels
 from nanogpt.model import KVCache, sample_next_token
 
 TINY = dict(block_size=16, vocab_size=65, n_layer=2, n_head=2, n_embd=32)
@@ -94,14 +95,16 @@ def test_sdpa_matches_manual_attention():
 
 
 def test_kv_cache_forward_matches_full_forward():
-    """Prompt, then one token, then three at once: every cached step equals the full sequence's logits."""
+    """Prompt, then one token (in the kernels generate decodes with), then three at once: every cached
+    step equals the full sequence's logits."""
     for attention in ("sdpa", "manual"):
         model = tiny_model(attention=attention)
         idx = torch.randint(0, 65, (2, 12))
         full, _ = model(idx, idx)
         cache = [KVCache(16) for _ in range(2)]
         pieces = [model(idx[:, :8], idx[:, :8], kv_cache=cache)[0]]
-        pieces.append(model(idx[:, 8:9], idx[:, 8:9], kv_cache=cache)[0])
+        with one_position_kernels(idx.device, torch.float32):
+            pieces.append(model(idx[:, 8:9], idx[:, 8:9], kv_cache=cache)[0])
         pieces.append(model(idx[:, 9:], idx[:, 9:], kv_cache=cache)[0])
         torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
 
@@ -136,6 +139,17 @@ def test_generate_prompt_longer_than_block_size():
     a = model.generate(prompt, 5, temperature=0.0)
     b = model.generate(prompt, 5, temperature=0.0, use_cache=False)
     assert torch.equal(a, b)
+
+
+def test_generated_tokens_can_be_trained_on():
+    """Generation runs in inference mode; what generate returns is a normal tensor, so training on the
+    samples (self-training, RL) works: autograd saves the ids in the embedding's backward."""
+    model = tiny_model()
+    ids = model.generate(torch.randint(0, 65, (2, 3)), 6)
+    assert not ids.is_inference()
+    _, loss = model(ids[:, :-1], ids[:, 1:])
+    loss.backward()
+    assert model.transformer.wte.weight.grad is not None
 
 
 def test_top_k_one_and_tiny_top_p_are_greedy():
