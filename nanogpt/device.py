@@ -51,8 +51,8 @@ def _cpuinfo() -> str:
 
 
 def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX: bf16 matmuls run ~3x float32 here. Without them bf16 is emulated and slower.
-    Without /proc/cpuinfo there is no cheap way to tell: float32 then."""
+    """AVX512-BF16 or AMX: bf16 matmuls run ~2x (AVX512-BF16 on Zen 4) to 3x+ (AMX) float32. Without
+    them bf16 is emulated and slower. Without /proc/cpuinfo there is no cheap way to tell: float32 then."""
     flags = _cpuinfo()
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
@@ -75,8 +75,8 @@ def check_dtype(dtype: str) -> None:
 
 def resolve_dtype(dtype: str, device: str) -> str:
     """ "auto" -> bfloat16 on a GPU that has it (float16 + a gradient scaler on older ones) and on a CPU
-    with native bf16 (1.4x the float32 training step of the shakespeare_char_cpu model, 1.9x at n_embd
-    256: benchmarks/bench_train.py); float32 elsewhere."""
+    with native bf16 (1.6x the float32 training step of the shakespeare_char_cpu model, 1.8x at n_embd
+    256 on a Zen 4: benchmarks/bench_train.py); float32 elsewhere."""
     check_dtype(dtype)
     if dtype != "auto":
         return dtype
