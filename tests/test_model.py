@@ -168,6 +168,16 @@ def test_top_p_keeps_the_nucleus_only():
     assert counts[2:].sum() == 0 and counts[0] > counts[1] > 0
 
 
+def test_sampling_draws_each_token_with_its_probability():
+    """200,000 draws from (0.5, 0.3, 0.15, 0.05, 0): each frequency within 0.005 of its probability (about
+    4 standard errors), and a token of probability 0 never."""
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05, 0.0]])
+    tokens = sample_next_token(probs.log().repeat(200_000, 1), generator=torch.Generator().manual_seed(0))
+    freq = torch.bincount(tokens.view(-1), minlength=5) / 200_000
+    torch.testing.assert_close(freq, probs[0], atol=5e-3, rtol=0)
+    assert freq[4] == 0
+
+
 def test_overfits_one_batch():
     torch.manual_seed(0)
     model = GPT(GPTConfig(**TINY)).train()

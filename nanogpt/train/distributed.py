@@ -62,11 +62,15 @@ def wrap(model: nn.Module, env: DistEnv, parallel: str, device: str) -> nn.Modul
     if not env.enabled:
         return model
     if parallel == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
+        # the mesh names the training device: FSDP's default takes CUDA wherever there is a GPU, so a CPU
+        # run on a one-GPU machine asked rank 1 for GPU 1 (seen on an H100 machine)
+        mesh = init_device_mesh(torch.device(device).type, (env.world_size,))
         for block in model.transformer.h:
-            fully_shard(block)
-        fully_shard(model)
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
 
