@@ -47,10 +47,13 @@ def resume_path(out_dir: str | Path) -> Path:
 
 def save_checkpoint(ckpt: dict[str, Any], out_dir: str | Path, name: str = CKPT_NAME) -> Path:
     """Write ckpt to out_dir/name atomically and durably (nanogpt.files): a crash or kill -9 at any
-    moment leaves either the old or the new checkpoint, never a broken one."""
+    moment leaves either the old or the new checkpoint, never a broken one. A new ckpt.pt supersedes a
+    stopped run's resume.pt, which is removed."""
     path = Path(out_dir) / name
     with atomic_open(path, "wb", durable=True) as f:
         torch.save(ckpt, f)
+    if name == CKPT_NAME:
+        (Path(out_dir) / RESUME_NAME).unlink(missing_ok=True)
     return path
 
 

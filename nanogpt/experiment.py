@@ -17,6 +17,7 @@ Seeds are the training config's seed (the preset's, or --seed) plus 0, 1, ...: `
 Ctrl-C (or SIGTERM) saves the current run and stops the experiment. The same command again continues it:
 finished runs are kept, a stopped one resumes exactly where it stopped (init_from=resume), the rest run.
 A run folder made with another training config is an error, not silently reused.
+
 The two JSON files keep the layout of the AI-Scientist nanoGPT template, so its tools read them.
 """
 

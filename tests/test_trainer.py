@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import tiny_train_config
 
-from nanogpt.checkpoint import load_checkpoint, model_from_checkpoint
+from nanogpt.checkpoint import load_checkpoint, model_from_checkpoint, resume_path, save_checkpoint
 from nanogpt.config import set_fields
 from nanogpt.errors import NanoGPTError
 from nanogpt.model import GPT
@@ -153,6 +153,13 @@ def test_signal_stop_keeps_the_best_checkpoint(data_dir, tmp_path, monkeypatch):
     assert loss_by_iter(stopped) == loss_by_iter(whole)
     assert not (stopped / "resume.pt").exists()
     assert load_checkpoint(stopped)["iter_num"] == load_checkpoint(whole)["iter_num"]
+
+
+def test_a_new_ckpt_supersedes_a_stopped_runs_resume_state(tmp_path):
+    save_checkpoint({"iter_num": 7}, tmp_path, "resume.pt")
+    assert resume_path(tmp_path) == tmp_path / "resume.pt"
+    save_checkpoint({"iter_num": 8}, tmp_path)
+    assert not (tmp_path / "resume.pt").exists() and resume_path(tmp_path) == tmp_path / "ckpt.pt"
 
 
 def test_kill_9_during_saves_leaves_a_good_checkpoint(data_dir, tmp_path):

@@ -188,8 +188,6 @@ def _train(cfg: TrainConfig, env: DistEnv, device: str, stop: StopRequest) -> di
                 "loader": batch_state,
             }
             say(f"saving checkpoint to {save_checkpoint(state, cfg.out_dir, name)}")
-            if name == CKPT_NAME:
-                (Path(cfg.out_dir) / RESUME_NAME).unlink(missing_ok=True)  # ckpt.pt is newer now
 
     train_time, last_eval, last_loss = 0.0, {}, math.nan
     batch_state = loader.state_dict()  # the loader's state before the pending batch: a resume redraws it
