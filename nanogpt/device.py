@@ -100,10 +100,12 @@ def keep_freed_memory(device: str) -> bool:
     """On a CPU device, tell glibc's malloc to keep freed memory for reuse instead of handing it back
     to the OS (GPU activations live in PyTorch's own caching allocator already).
 
-    By default, blocks above a threshold (128 KiB, raised adaptively) are mapped afresh and trimmed back
-    on free. A CPU training step frees and re-allocates megabytes of activations, so each step costs
-    thousands of page faults (2,900 for the shakespeare_char_cpu model, 7 with this; 10-20% of a
-    bf16 step here). Returns whether it applied (Linux with glibc only; once per process)."""
+    By default, blocks above a threshold (128 KiB, raised adaptively up to 32 MiB) are mapped afresh
+    and trimmed back on free. A CPU training step frees and re-allocates megabytes of activations, so
+    each step can cost thousands of page faults: always for blocks over 32 MiB (a GPT-2-sized model's
+    activations), and for smaller ones as the adaptive threshold falls out on the machine (2,900 per
+    step for the shakespeare_char_cpu model on an AMD Zen 4, 7 with this: 10-20% of a bf16 step).
+    Returns whether it applied (Linux with glibc only; once per process)."""
     if torch.device(device).type != "cpu" or not sys.platform.startswith("linux"):
         return False
     try:

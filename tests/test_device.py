@@ -49,39 +49,38 @@ def test_malloc_is_left_alone_for_gpu_runs():
     assert not keep_freed_memory("cuda")
 
 
-STEP_FAULTS = """
+ALLOCATION_FAULTS = """
 import resource, sys, torch
-from nanogpt import GPT, GPTConfig
 from nanogpt.device import keep_freed_memory
 if sys.argv[1] == "keep":
     assert keep_freed_memory("cpu")
-torch.set_num_threads(1)
-model = GPT(GPTConfig(block_size=64, vocab_size=65, n_layer=2, n_head=4, n_embd=128))
-x = torch.randint(65, (32, 64))
-def step():
-    model(x, x)[1].backward()
-for _ in range(5):
-    step()
+def allocate_and_free():
+    torch.ones(16 << 20)  # 64 MiB: above 32 MiB glibc always maps a block afresh and unmaps it on free
+for _ in range(5):  # the heap settles: freed blocks coalesce into one that fits the next
+    allocate_and_free()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(10):
-    step()
-print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10)
+for _ in range(5):
+    allocate_and_free()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc tuning is Linux-only")
-def test_kept_freed_memory_saves_the_page_faults_of_each_training_step():
-    """By default glibc hands a step's freed activations back to the OS and faults them in again at
-    the next step; kept, they are reused (a fresh process each: the setting is process-wide)."""
+def test_kept_freed_memory_is_reused_without_page_faults():
+    """By default glibc hands a large freed block back to the OS, and the next one is faulted in page
+    by page (16,384 faults for 64 MiB); kept, it is reused (a fresh process each: the setting is
+    process-wide). Activations of a GPT-2-sized model are such blocks; for small models glibc's
+    adaptive threshold decides, which varies with the machine's kernels (benchmarks/bench_train.py
+    --glibc-default shows the effect on a step)."""
     faults = {
         mode: float(
             subprocess.run(
-                [sys.executable, "-c", STEP_FAULTS, mode], capture_output=True, text=True, check=True
+                [sys.executable, "-c", ALLOCATION_FAULTS, mode], capture_output=True, text=True, check=True
             ).stdout
         )
         for mode in ("default", "keep")
     }
-    assert faults["keep"] < faults["default"] / 4, faults
+    assert faults["keep"] < faults["default"] / 100, faults
 
 
 def test_matmul_peak_grows_the_size_only_while_a_matmul_is_quick(monkeypatch):
