@@ -1,6 +1,6 @@
 """The GPT-2 language model, in one file that reads top to bottom.
 
-LayerNorm -> CausalSelfAttention -> MLP -> Block -> GPTConfig -> GPT (+ KVCache and sampling for generate).
+LayerNorm -> CausalSelfAttention -> MLP -> Block -> GPTConfig -> GPT (+ the KV caches and sampling for generate).
 Parameter names follow OpenAI's GPT-2 (wte, wpe, h, ln_f, c_attn, c_proj, c_fc), so importing its weights
 is a key-for-key copy with four transposed matrices (see nanogpt/hf.py).
 
@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+from nanogpt.cuda_graph import CUDAGraphStep
 from nanogpt.device import one_position_kernels
 from nanogpt.errors import NanoGPTError
 
@@ -35,15 +36,21 @@ class LayerNorm(nn.Module):
 
 
 class KVCache:
-    """Keys and values of the positions one attention layer has already seen, for incremental decoding."""
+    """Keys and values of the positions one attention layer has already seen, for incremental decoding.
+    Attention reads the `len` positions filled so far."""
 
     def __init__(self, max_len: int):
         self.max_len = max_len
         self.len = 0  # positions cached so far
         self.kv: torch.Tensor | None = None  # (2, B, nh, max_len, hs), allocated on first use in kv's dtype
 
-    def append(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Add (2, B, nh, T, hs) keys and values; return all cached ones, (B, nh, len, hs) each."""
+    def positions(self, T: int, device: torch.device) -> torch.Tensor:
+        """The positions of the next T tokens, (T,)."""
+        return torch.arange(self.len, self.len + T, dtype=torch.long, device=device)
+
+    def append(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Add (2, B, nh, T, hs) keys and values; return all cached ones, (B, nh, S, hs) each, and which
+        of the S keys each of the T queries may see, (T, S) bool (None: the causal corner, keys 0..S-T+i)."""
         _, B, nh, T, hs = kv.shape
         if self.kv is None:
             self.kv = kv.new_empty(2, B, nh, self.max_len, hs)
@@ -51,7 +58,31 @@ class KVCache:
         self.kv[:, :, :, self.len : end] = kv  # one copy for keys and values: decoding is op-bound
         self.len = end
         k, v = self.kv[:, :, :, :end].unbind(0)
-        return k, v
+        return k, v, None
+
+
+class StaticKVCache(KVCache):
+    """The same cache with fixed shapes: attention reads all max_len slots, the unfilled ones masked
+    out, and the next position is a (1,) device tensor that the caller sets (shared by all layers). A
+    decoding step then reads no host value, so a CUDA graph can replay it (on a GPU a small model's step
+    is all kernel launches); `len` stays 0."""
+
+    def __init__(self, max_len: int, pos: torch.Tensor):
+        super().__init__(max_len)
+        self.pos = pos
+
+    def positions(self, T: int, device: torch.device) -> torch.Tensor:
+        return self.pos + torch.arange(T, dtype=torch.long, device=device)
+
+    def append(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        _, B, nh, T, hs = kv.shape
+        if self.kv is None:  # zeros: a masked slot still gets weight 0 in att @ v, and 0 * NaN is NaN
+            self.kv = kv.new_zeros(2, B, nh, self.max_len, hs)
+        positions = self.positions(T, kv.device)  # (T,)
+        self.kv.index_copy_(3, positions, kv)
+        k, v = self.kv.unbind(0)
+        visible = torch.arange(self.max_len, device=kv.device) <= positions[:, None]  # (T, max_len)
+        return k, v, visible
 
 
 class CausalSelfAttention(nn.Module):
@@ -77,29 +108,35 @@ class CausalSelfAttention(nn.Module):
         # AVX-512 CPU; benchmarks/bench_train.py): there the plain path's bf16 matmuls win
         return not (q.device.type == "cpu" and q.dtype == torch.bfloat16 and torch.is_grad_enabled())
 
+    def _visible(self, T: int, S: int, visible: torch.Tensor | None) -> torch.Tensor:
+        """(T, S) bool: the cache's mask, or by default the causal one's bottom-right corner (the T
+        queries are the last T of S positions)."""
+        return self.bias[S - T : S, :S] if visible is None else visible
+
     def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
         B, T, C = x.size()  # batch, sequence length, n_embd
         hs = C // self.n_head  # head size
         # (B, T, 3 C) -> (3, B, nh, T, hs): query, key and value of every head
         qkv = self.c_attn(x).view(B, T, 3, self.n_head, hs).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (B, nh, T, hs) each
+        visible = None  # (T, S) bool: may query i look at key j? None: the causal corner (_visible)
         if kv_cache is not None:
-            k, v = kv_cache.append(qkv[1:])  # (B, nh, S, hs), S = cached + T
+            k, v, visible = kv_cache.append(qkv[1:])  # (B, nh, S, hs), S = cached + T (or max_len)
         S = k.size(2)
+        corner = visible is None  # sliced from self.bias only where needed: decoding is op-bound
         if self._use_sdpa(q):
             # fused kernel; is_causal only describes the square (S == T) case, one query needs no mask
             y = F.scaled_dot_product_attention(
                 q,
                 k,
                 v,
-                attn_mask=None if S == T or T == 1 else self.bias[S - T : S, :S],
+                attn_mask=None if corner and (S == T or T == 1) else self._visible(T, S, visible),
                 dropout_p=self.dropout if self.training else 0.0,
-                is_causal=S == T and T > 1,
+                is_causal=corner and S == T and T > 1,
             )
         else:  # the plain path, kept for teaching and as the reference the fused kernel is tested against
-            # the T queries are the last T of S positions: the mask's bottom-right (T, S) corner, as
             # 0 where query i may look at key j and -inf where it may not
-            mask = self.bias[S - T : S, :S]
+            mask = self._visible(T, S, visible)
             causal = torch.zeros(T, S, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
             # one kernel scales q k^T and adds the mask (a third faster than matmul, mul and masked_fill
             # on a CPU): (B*nh, T, hs) x (B*nh, hs, S) -> (B*nh, T, S)
@@ -232,7 +269,10 @@ class GPT(nn.Module):
             raise NanoGPTError(
                 f"cannot forward a sequence of length {start + T}: block_size is only {self.config.block_size}"
             )
-        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
+        if kv_cache is None:
+            pos = torch.arange(T, dtype=torch.long, device=idx.device)  # (T,)
+        else:
+            pos = kv_cache[0].positions(T, idx.device)
 
         tok_emb = self.transformer.wte(idx)  # (B, T, n_embd)
         pos_emb = self.transformer.wpe(pos)  # (T, n_embd)
@@ -303,6 +343,13 @@ class GPT(nn.Module):
         flops_per_iter = self.flops_per_token() * self.config.block_size * fwdbwd_per_iter
         return flops_per_iter / dt / (312e12 if peak_flops is None else peak_flops)
 
+    def new_kv_cache(self, max_len: int, device: torch.device) -> list[KVCache]:
+        """One empty cache per layer for up to max_len positions: static on a GPU (for CUDA graphs)."""
+        if device.type != "cuda":
+            return [KVCache(max_len) for _ in self.transformer.h]
+        pos = torch.zeros(1, dtype=torch.long, device=device)
+        return [StaticKVCache(max_len, pos) for _ in self.transformer.h]
+
     @torch.no_grad()
     def generate(
         self,
@@ -336,18 +383,24 @@ class GPT(nn.Module):
         With use_cache, the prompt is read once and each new token costs one position's forward pass.
         Once the sequence outgrows block_size, every step conditions on the last block_size tokens at
         positions 0..block_size-1 (as nanoGPT does): those keys all change, so that phase recomputes.
+        On a GPU each cached step replays a recorded CUDA graph (nanogpt/cuda_graph.py).
         use_cache=False recomputes every step: the reference both paths are tested to agree with.
         The yielded tensors are inference tensors: clone one outside inference mode to use it where
         autograd saves it (generate's result, made by torch.cat outside, is a normal tensor)."""
         block_size = self.config.block_size
         cache: list[KVCache] | None = None
+        graphed_step: CUDAGraphStep | None = None
         for _ in range(max_new_tokens):
             if not use_cache or idx.size(1) > block_size:
                 logits, _ = self(idx[:, -block_size:])
             elif cache is None:  # read the whole prompt once
-                cache = [KVCache(min(block_size, idx.size(1) + max_new_tokens)) for _ in self.transformer.h]
+                cache = self.new_kv_cache(min(block_size, idx.size(1) + max_new_tokens), idx.device)
                 logits, _ = self(idx, kv_cache=cache)
-            else:  # only the newest token is not cached yet
+            elif idx.is_cuda:  # only the newest token is not cached yet: one launch of the recorded step
+                if graphed_step is None:
+                    graphed_step = CUDAGraphStep(self, cache, idx[:, -1:], idx.size(1) - 1)
+                logits = graphed_step(idx[:, -1:], idx.size(1) - 1)
+            else:
                 with one_position_kernels(idx.device, self.lm_head.weight.dtype):
                     logits, _ = self(idx[:, -1:], kv_cache=cache)
             idx_next = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator)

@@ -1,6 +1,6 @@
 """The GPU paths, where a CUDA device is present (skipped elsewhere, CI included): training on CUDA agrees
 with the CPU, float16 trains through the gradient scaler, compiled bf16 agrees with eager, a stopped run
-resumes, and generation's KV cache equals recomputing."""
+resumes, generation's KV cache equals recomputing, and its CUDA graph replays the eager step exactly."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from conftest import tiny_train_config
 from nanogpt import GPT, GPTConfig
 from nanogpt.checkpoint import load_checkpoint
 from nanogpt.config import set_fields
+from nanogpt.cuda_graph import CUDAGraphStep
 from nanogpt.train.metrics import read_metrics
 from nanogpt.train.trainer import train
 
@@ -84,3 +85,24 @@ def test_cuda_generate_with_cache_equals_recompute(batch):
         gen = torch.Generator(device="cuda").manual_seed(7)
         outs.append(model.generate(prompt, 50, temperature=1.0, top_k=20, use_cache=use_cache, generator=gen))
     assert outs[0].shape == (batch, 55) and torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_cuda_graph_replays_the_eager_decoding_step(compiled):
+    """Under bf16 autocast, as `nanogpt sample` runs: every replay gives bitwise the logits of the eager
+    step on a second cache (the same kernels), as the cache fills position by position."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=64, vocab_size=65, n_layer=2, n_head=2, n_embd=64)).cuda().eval()
+    if compiled:
+        model.compile()
+    tokens = torch.randint(0, 65, (3, 20), device="cuda")
+    device = tokens.device
+    with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16):
+        graphed, eager = model.new_kv_cache(32, device), model.new_kv_cache(32, device)
+        for cache in (graphed, eager):
+            model(tokens[:, :5], kv_cache=cache)
+        step = CUDAGraphStep(model, graphed, tokens[:, 5:6], 5)
+        for t in range(5, 20):
+            eager[0].pos.fill_(t)
+            expected, _ = model(tokens[:, t : t + 1], kv_cache=eager)
+            torch.testing.assert_close(step(tokens[:, t : t + 1], t), expected, atol=0, rtol=0)

@@ -11,7 +11,7 @@ from torch.nn import functional as F
 
 from nanogpt import GPT, GPTConfig
 from nanogpt.device import one_position_kernels
-from nanogpt.model import KVCache, sample_next_token
+from nanogpt.model import KVCache, StaticKVCache, sample_next_token
 
 TINY = dict(block_size=16, vocab_size=65, n_layer=2, n_head=2, n_embd=32)
 
@@ -94,17 +94,22 @@ def test_sdpa_matches_manual_attention():
     torch.testing.assert_close(sdpa(idx, idx)[0], manual(idx, idx)[0], atol=1e-5, rtol=1e-5)
 
 
-def test_kv_cache_forward_matches_full_forward():
+@pytest.mark.parametrize("static", [False, True])
+def test_kv_cache_forward_matches_full_forward(static):
     """Prompt, then one token (in the kernels generate decodes with), then three at once: every cached
-    step equals the full sequence's logits."""
+    step equals the full sequence's logits. The static cache (fixed shapes, for CUDA graphs) attends
+    over all 16 slots with the unfilled ones masked, at positions the caller sets."""
     for attention in ("sdpa", "manual"):
         model = tiny_model(attention=attention)
         idx = torch.randint(0, 65, (2, 12))
         full, _ = model(idx, idx)
-        cache = [KVCache(16) for _ in range(2)]
+        pos = torch.zeros(1, dtype=torch.long)
+        cache = [StaticKVCache(16, pos) if static else KVCache(16) for _ in range(2)]
         pieces = [model(idx[:, :8], idx[:, :8], kv_cache=cache)[0]]
+        pos.fill_(8)
         with one_position_kernels(idx.device, torch.float32):
             pieces.append(model(idx[:, 8:9], idx[:, 8:9], kv_cache=cache)[0])
+        pos.fill_(9)
         pieces.append(model(idx[:, 9:], idx[:, 9:], kv_cache=cache)[0])
         torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
 
