@@ -34,6 +34,7 @@ import torch
 from nanogpt.bench import measure_generation
 from nanogpt.config import parse_options
 from nanogpt.device import device_name
+from nanogpt.files import write_text_atomic
 from nanogpt.model import GPT, GPTConfig
 from nanogpt.train.config import load_train_config
 
@@ -146,8 +147,7 @@ def main(argv: list[str]) -> int:
         / (1024 if sys.platform != "darwin" else 2**20),
     }
     out = Path(opts.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
+    write_text_atomic(out, json.dumps(results, indent=2) + "\n")
     print(markdown(results))
     print(f"\npeak RSS {results['peak_rss_mib']:.0f} MiB; JSON: {out}")
     return 0

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from nanogpt.data import CharTokenizer, GPT2Tokenizer, prepare_dataset
+from nanogpt.files import write_text_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 DATASETS = {"shakespeare_char": "char", "shakespeare": "gpt2"}
@@ -114,8 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     report = run(args.source, args.repeats)
     print(table(report))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        write_text_atomic(args.json, json.dumps(report, indent=2) + "\n")
     else:
         print(json.dumps(report, indent=2))
     return 0

@@ -31,6 +31,7 @@ from torch.nn import functional as F
 
 from nanogpt import GPT, GPTConfig
 from nanogpt.device import compile_options, device_name, keep_freed_memory, matmul_peak_flops
+from nanogpt.files import write_text_atomic
 from nanogpt.hf import hf_config
 
 BASE = dict(vocab_size=65, n_layer=4, n_head=4, n_embd=128, dropout=0.0, bias=False)  # shakespeare_char_cpu
@@ -305,8 +306,7 @@ def main() -> None:
             )
     print(json.dumps(result))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        write_text_atomic(args.json, json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

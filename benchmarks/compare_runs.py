@@ -15,6 +15,7 @@ import statistics
 from pathlib import Path
 
 from nanogpt.experiment import plot_val_loss, train_and_val_logs
+from nanogpt.files import write_text_atomic
 
 
 def summary(out_dir: Path) -> dict:
@@ -60,8 +61,7 @@ def main() -> None:
     plot_val_loss({args.title: whole, f"{args.title}, from 1/4 of the run": tail}, Path(args.png))
     print(f"curves: {args.png}")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(runs, indent=2) + "\n")
+        write_text_atomic(args.json, json.dumps(runs, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -47,6 +47,8 @@ def _accepts(tp: Any, value: Any) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):  # TOML's and most CLIs' spelling
+            return value.lower() == "true"
         raise TypeError
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):

@@ -52,6 +52,15 @@ def test_set_fields_converts_and_checks_types():
     assert isinstance(cfg.learning_rate, float) and isinstance(cfg.max_iters, int)
 
 
+@pytest.mark.parametrize(
+    "text, value", [("false", False), ("true", True), ("FALSE", False), ("False", False)]
+)
+def test_booleans_may_be_spelled_in_lower_case(text, value):
+    """`--compile=false` as in TOML (and the README), besides nanoGPT's Python literal False."""
+    cfg = set_fields(Options(compile=not value), parse_overrides([f"--compile={text}"])[1], "command line")
+    assert cfg.compile is value
+
+
 def test_unknown_key_suggests_close_matches():
     with pytest.raises(
         NanoGPTError, match=r"unknown config key 'learning_rat' \(command line\).*learning_rate"
@@ -60,7 +69,8 @@ def test_unknown_key_suggests_close_matches():
 
 
 @pytest.mark.parametrize(
-    "key, value", [("max_iters", "many"), ("compile", 1), ("max_iters", 2.5), ("init_from", 3)]
+    "key, value",
+    [("max_iters", "many"), ("compile", 1), ("compile", "yes"), ("max_iters", 2.5), ("init_from", 3)],
 )
 def test_wrong_type_names_key_and_type(key, value):
     with pytest.raises(NanoGPTError, match=rf"'{key}'.*expects"):
