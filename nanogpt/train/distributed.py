@@ -6,6 +6,7 @@ single process. Rank 0 logs and saves; every rank computes, on its own stream of
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
 
@@ -75,8 +76,14 @@ def wrap(model: nn.Module, env: DistEnv, parallel: str, device: str) -> nn.Modul
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     # the only buffers are the constant causal masks: no need to broadcast them before every forward
+    # (under its newer name where torch has it: 2.13 warns that broadcast_buffers is deprecated)
+    no_sync = (
+        "forward_sync_buffers"
+        if "forward_sync_buffers" in inspect.signature(DDP).parameters
+        else "broadcast_buffers"
+    )
     device_ids = [torch.device(device).index] if device.startswith("cuda") else None
-    return DDP(model, device_ids=device_ids, broadcast_buffers=False)
+    return DDP(model, device_ids=device_ids, **{no_sync: False})
 
 
 def set_grad_sync(model: nn.Module, sync: bool) -> None:
