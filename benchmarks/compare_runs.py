@@ -54,7 +54,6 @@ def main() -> None:
     for label, r in runs.items():
         ms = f"{r['ms_per_iter']:.0f}" if r["ms_per_iter"] else "n/a"
         print(f"| {label} | {r['iters']} | {r['final_val_loss']:.4f} | {r['best_val_loss']:.4f} | {ms} |")
-    Path(args.png).parent.mkdir(parents=True, exist_ok=True)
     # the whole curves, and their last three quarters, where the runs part
     whole = {label: r["val_log"] for label, r in runs.items()}
     tail = {label: [e for e in log if e["iter"] >= log[-1]["iter"] / 4] for label, log in whole.items()}

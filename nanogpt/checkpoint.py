@@ -53,8 +53,13 @@ def save_checkpoint(ckpt: dict[str, Any], out_dir: str | Path, name: str = CKPT_
     with atomic_open(path, "wb", durable=True) as f:
         torch.save(ckpt, f)
     if name == CKPT_NAME:
-        (Path(out_dir) / RESUME_NAME).unlink(missing_ok=True)
+        discard_resume(out_dir)
     return path
+
+
+def discard_resume(out_dir: str | Path) -> None:
+    """Remove a stopped run's resume.pt: a newer ckpt.pt or the completed run supersedes it."""
+    (Path(out_dir) / RESUME_NAME).unlink(missing_ok=True)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -48,14 +48,19 @@ class KVCache:
         """The positions of the next T tokens, (T,)."""
         return torch.arange(self.len, self.len + T, dtype=torch.long, device=device)
 
+    def _storage(self, kv: torch.Tensor) -> torch.Tensor:
+        """The (2, B, nh, max_len, hs) buffer, allocated at the first append in kv's dtype. Zeros: the
+        static cache attends over unfilled slots too, with weight 0, and 0 * NaN would be NaN."""
+        if self.kv is None:
+            _, B, nh, _, hs = kv.shape
+            self.kv = kv.new_zeros(2, B, nh, self.max_len, hs)
+        return self.kv
+
     def append(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Add (2, B, nh, T, hs) keys and values; return all cached ones, (B, nh, S, hs) each, and which
         of the S keys each of the T queries may see, (T, S) bool (None: the causal corner, keys 0..S-T+i)."""
-        _, B, nh, T, hs = kv.shape
-        if self.kv is None:
-            self.kv = kv.new_empty(2, B, nh, self.max_len, hs)
-        end = self.len + T
-        self.kv[:, :, :, self.len : end] = kv  # one copy for keys and values: decoding is op-bound
+        end = self.len + kv.size(3)
+        self._storage(kv)[:, :, :, self.len : end] = kv  # one copy for keys and values: decoding is op-bound
         self.len = end
         k, v = self.kv[:, :, :, :end].unbind(0)
         return k, v, None
@@ -75,12 +80,8 @@ class StaticKVCache(KVCache):
         return self.pos + torch.arange(T, dtype=torch.long, device=device)
 
     def append(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        _, B, nh, T, hs = kv.shape
-        if self.kv is None:  # zeros: a masked slot still gets weight 0 in att @ v, and 0 * NaN is NaN
-            self.kv = kv.new_zeros(2, B, nh, self.max_len, hs)
-        positions = self.positions(T, kv.device)  # (T,)
-        self.kv.index_copy_(3, positions, kv)
-        k, v = self.kv.unbind(0)
+        positions = self.positions(kv.size(3), kv.device)  # (T,)
+        k, v = self._storage(kv).index_copy_(3, positions, kv).unbind(0)
         visible = torch.arange(self.max_len, device=kv.device) <= positions[:, None]  # (T, max_len)
         return k, v, visible
 

@@ -33,6 +33,7 @@ from nanogpt.checkpoint import (
     CKPT_NAME,
     RESUME_NAME,
     clean_state_dict,
+    discard_resume,
     load_checkpoint,
     resume_path,
     save_checkpoint,
@@ -220,7 +221,7 @@ def _train(cfg: TrainConfig, env: DistEnv, device: str, stop: StopRequest) -> di
                         checkpoint(batch_state)
             if cfg.eval_only or iter_num >= cfg.max_iters:
                 if env.master and not cfg.eval_only:  # complete: a stopped part's state is superseded
-                    (Path(cfg.out_dir) / RESUME_NAME).unlink(missing_ok=True)
+                    discard_resume(cfg.out_dir)
                 break
 
             # forward backward update, with gradient accumulation to simulate a larger batch
