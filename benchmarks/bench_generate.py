@@ -32,10 +32,10 @@ from pathlib import Path
 import torch
 
 from nanogpt.bench import measure_generation
-from nanogpt.config import parse_options
 from nanogpt.device import device_name
 from nanogpt.files import write_text_atomic
 from nanogpt.model import GPT, GPTConfig
+from nanogpt.options import parse_options
 from nanogpt.train.config import load_train_config
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -30,9 +30,11 @@ import torch
 from torch.nn import functional as F
 
 from nanogpt import GPT, GPTConfig
-from nanogpt.device import compile_options, device_name, keep_freed_memory, matmul_peak_flops
+from nanogpt.device import device_name
 from nanogpt.files import write_text_atomic
 from nanogpt.hf import hf_config
+from nanogpt.perf import compile_options, keep_freed_memory, matmul_peak_flops
+from nanogpt.train.step import TrainStep
 
 BASE = dict(vocab_size=65, n_layer=4, n_head=4, n_embd=128, dropout=0.0, bias=False)  # shakespeare_char_cpu
 
@@ -55,25 +57,40 @@ def reset_peak_rss() -> None:
         pass
 
 
-def our_step(cfg: GPTConfig, batch: int, bf16: bool, fused: bool, compile: bool) -> tuple[Callable, GPT]:
-    """One optimizer step of our model on a fixed random batch, as the trainer takes it."""
-    torch.manual_seed(0)
-    model = GPT(cfg)
+def timed_step(
+    forward: torch.nn.Module, model: torch.nn.Module, cfg: GPTConfig, batch: int, bf16: bool, fused: bool
+) -> Callable:
+    """The trainer's optimizer step (nanogpt.train.step: forward, backward, clipping, AdamW) on a fixed
+    random batch; float32 weights, bf16 through autocast if asked."""
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=1e-3, **({"fused": True} if fused else {"foreach": True})
     )
-    forward = torch.compile(model, options=compile_options("cpu")) if compile else model
+    scaler = torch.amp.GradScaler("cpu", enabled=False)  # float16 is not timed here
+    context = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+    step = TrainStep(forward, model, list(model.parameters()), optimizer, scaler, context)
     x = torch.randint(cfg.vocab_size, (batch, cfg.block_size))
     y = torch.randint(cfg.vocab_size, (batch, cfg.block_size))
+    return lambda: step(lambda: (x, y))
 
-    def step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            _, loss = forward(x, y)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
 
-    return step, model
+def our_step(cfg: GPTConfig, batch: int, bf16: bool, fused: bool, compile: bool) -> tuple[Callable, GPT]:
+    """One optimizer step of our model, as the trainer takes it."""
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    forward = torch.compile(model, options=compile_options("cpu")) if compile else model
+    return timed_step(forward, model, cfg, batch, bf16, fused), model
+
+
+class HFLoss(torch.nn.Module):
+    """transformers' GPT2LMHeadModel called as ours is: (x, y) -> (logits, loss)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.model(x).logits
+        return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1))
 
 
 def hf_step(cfg: GPTConfig, batch: int, bf16: bool, attn_implementation: str) -> Callable:
@@ -82,20 +99,8 @@ def hf_step(cfg: GPTConfig, batch: int, bf16: bool, attn_implementation: str) ->
 
     torch.manual_seed(0)
     hf_cfg = hf_config(cfg, attn_implementation=attn_implementation)
-    model = transformers.GPT2LMHeadModel(hf_cfg).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
-    x = torch.randint(cfg.vocab_size, (batch, cfg.block_size))
-    y = torch.randint(cfg.vocab_size, (batch, cfg.block_size))
-
-    def step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            logits = model(x).logits
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1))
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
+    model = HFLoss(transformers.GPT2LMHeadModel(hf_cfg).train())
+    return timed_step(model, model, cfg, batch, bf16, fused=True)
 
 
 def step_matmuls(cfg: GPTConfig, batch: int, dtype: torch.dtype) -> Callable:

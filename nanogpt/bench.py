@@ -14,37 +14,35 @@ datasheet number). Inputs are random tokens: of a preset's dataset only meta.jso
 from __future__ import annotations
 
 import contextlib
-import difflib
 import json
-import math
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
 from nanogpt.checkpoint import load_checkpoint, model_from_checkpoint
-from nanogpt.config import read_argv, set_fields
 from nanogpt.data.loader import read_meta
+from nanogpt.data.prepare import ensure_prepared
 from nanogpt.device import (
     DTYPES,
     autocast,
-    compile_options,
     device_name,
-    keep_freed_memory,
-    matmul_peak_flops,
+    device_type,
     resolve_device,
     resolve_dtype,
     synchronize,
-    wants_compile,
 )
 from nanogpt.errors import NanoGPTError
+from nanogpt.generate import generate
 from nanogpt.model import GPT
+from nanogpt.options import read_argv, set_fields, split_options
+from nanogpt.perf import compile_options, keep_freed_memory, matmul_peak_flops, wants_compile
 from nanogpt.train.config import TrainConfig, load_train_config
-from nanogpt.train.distributed import DistEnv
-from nanogpt.train.trainer import dataset_dir, init_model
+from nanogpt.train.model_init import init_model
+from nanogpt.train.step import TrainStep, new_scaler
 
 GEN_BATCH_SIZES = (1, 8)
 
@@ -67,19 +65,6 @@ class BenchOptions:
             raise NanoGPTError("train_iters and repeats must be >= 1, warmup_iters and new_tokens >= 0")
 
 
-def split_options(cls: type, overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Overrides -> (those naming a field of dataclass `cls`, those naming a TrainConfig field); any other
-    key is an error that suggests the closest names of both."""
-    own, train = {f.name for f in fields(cls)}, {f.name for f in fields(TrainConfig)}
-    for key in overrides.keys() - own - train:
-        close = difflib.get_close_matches(key, own | train, n=3)
-        hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise NanoGPTError(f"unknown option {key!r} (neither {cls.__name__} nor TrainConfig has it).{hint}")
-    return {k: v for k, v in overrides.items() if k in own}, {
-        k: v for k, v in overrides.items() if k not in own
-    }
-
-
 def measure_training(
     model: torch.nn.Module,
     raw_model: GPT,
@@ -90,31 +75,32 @@ def measure_training(
     warmup: int,
     peak_flops: float,
 ) -> dict[str, float]:
-    """Median time of a full optimizer step as the trainer takes it (gradient_accumulation_steps
+    """Median time of the trainer's optimizer step (nanogpt.train.step: gradient_accumulation_steps
     micro-batches of random tokens, forward, backward, clipping, AdamW) -> ms/iter, tokens/s and MFU.
     `model` is what runs the steps (raw_model, or it compiled)."""
     B, T, accum = cfg.batch_size, raw_model.config.block_size, cfg.gradient_accumulation_steps
-    device_type = torch.device(device).type
     model.train()
     optimizer = raw_model.configure_optimizers(
-        cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type
+        cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type(device)
     )
-    scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
+    scaler = new_scaler(device, dtype)
+    step = TrainStep(
+        model,
+        model,
+        list(raw_model.parameters()),
+        optimizer,
+        scaler,
+        autocast(device, dtype),
+        accum,
+        cfg.grad_clip,
+    )
     x = torch.randint(raw_model.config.vocab_size, (B, T), device=device)
     y = torch.randint(raw_model.config.vocab_size, (B, T), device=device)
     times = []
     for i in range(warmup + iters):
         synchronize(device)
         t0 = time.perf_counter()
-        for _ in range(accum):
-            with autocast(device, dtype):
-                _, loss = model(x, y)
-            scaler.scale(loss / accum).backward()
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or math.inf)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        step(lambda: (x, y))
         synchronize(device)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
@@ -144,11 +130,11 @@ def generation_tokens_per_second(
     prompt = torch.randint(model.config.vocab_size, (batch_size, 1), device=device, generator=gen)
     times = []
     with autocast(device, dtype):
-        model.generate(prompt, min(new_tokens, 8), use_cache=use_cache, generator=gen)
+        generate(model, prompt, min(new_tokens, 8), use_cache=use_cache, generator=gen)
         for _ in range(repeats):
             synchronize(device)
             t0 = time.perf_counter()
-            model.generate(prompt, new_tokens, use_cache=use_cache, generator=gen)
+            generate(model, prompt, new_tokens, use_cache=use_cache, generator=gen)
             synchronize(device)
             times.append(time.perf_counter() - t0)
     return batch_size * new_tokens / statistics.median(times)
@@ -186,7 +172,7 @@ def bench_setup(opts: BenchOptions, overrides: dict[str, Any]) -> tuple[GPT, Tra
         cfg = set_fields(TrainConfig(), saved, f"{opts.out_dir}'s training config")
         return model_from_checkpoint(ckpt), set_fields(cfg, overrides, "command line"), opts.out_dir
     cfg = set_fields(load_train_config([opts.config]), overrides, "command line")
-    meta = read_meta(dataset_dir(cfg, DistEnv()))
+    meta = read_meta(ensure_prepared(cfg.dataset, cfg.data_dir))
     torch.manual_seed(cfg.seed)
     return init_model(cfg, meta, None), cfg, f"preset {opts.config}"
 
@@ -256,7 +242,7 @@ def main(argv: list[str]) -> int:
     )
     if overrides is None:
         return 0
-    own, train_overrides = split_options(BenchOptions, overrides)
+    own, train_overrides = split_options(BenchOptions, overrides, TrainConfig)
     opts = set_fields(BenchOptions(), own, "command line")
     # with --json, stdout carries the JSON alone: the progress lines of the steps go to stderr
     with contextlib.redirect_stdout(sys.stderr if opts.json else sys.stdout):

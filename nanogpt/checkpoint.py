@@ -1,7 +1,7 @@
 """The checkpoint format: one file, out_dir/ckpt.pt, written atomically and read without running code.
 (out_dir/resume.pt, the same format, holds a run stopped by a signal while ckpt.pt keeps its best model.)
 
-A checkpoint is a dict:
+A checkpoint is a dict (training_checkpoint writes it):
     model           state_dict (never with torch.compile's `_orig_mod.` prefix)
     model_args      GPTConfig fields
     tokenizer       the tokenizer's meta (a char vocabulary included), so sampling needs no data folder
@@ -9,13 +9,18 @@ A checkpoint is a dict:
     iter_num, best_val_loss
     optimizer, scaler, rng, loader   (training state for exact resume)
 Everything in it is a tensor, number, string, list or dict: `torch.load(weights_only=True)` reads it.
+
+Here too: the random generators' state (rng_state / restore_rng) and the models built from a checkpoint,
+for training on (resume_model) and for inference (load_model, load_for_inference).
 """
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from nanogpt.errors import NanoGPTError
@@ -76,10 +81,73 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return ckpt
 
 
-def model_from_checkpoint(ckpt: dict[str, Any]) -> GPT:
-    model = GPT(GPTConfig(**ckpt["model_args"]))
+def training_checkpoint(
+    model: dict[str, torch.Tensor],
+    optimizer: dict[str, Any],
+    scaler: dict[str, Any],
+    model_args: dict[str, Any],
+    iter_num: int,
+    best_val_loss: float,
+    config: dict[str, Any],
+    tokenizer: dict[str, Any],
+    rng: list[dict[str, Any]],
+    loader: dict[str, Any],
+) -> dict[str, Any]:
+    """The dict a training run saves: everything that decides its next steps (rng: one state per rank;
+    loader: the batch stream's position before the batch not yet trained on)."""
+    return {
+        "model": clean_state_dict(model),
+        "optimizer": optimizer,
+        "scaler": scaler,
+        "model_args": model_args,
+        "iter_num": iter_num,
+        "best_val_loss": best_val_loss,
+        "config": config,
+        "tokenizer": tokenizer,
+        "rng": rng,
+        "loader": loader,
+    }
+
+
+def model_from_checkpoint(ckpt: dict[str, Any], **overrides: Any) -> GPT:
+    """The checkpoint's model; overrides change GPTConfig fields that do not shape weights (dropout)."""
+    model = GPT(GPTConfig(**{**ckpt["model_args"], **overrides}))
     model.load_state_dict(clean_state_dict(ckpt["model"]))
     return model
+
+
+def training_config(source: str | Path) -> dict[str, Any]:
+    """The training config a checkpoint was made with ({} if it has none), read without loading its
+    weights (memory-mapped)."""
+    file = checkpoint_path(source)
+    try:
+        ckpt = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:  # as load_checkpoint
+        raise NanoGPTError(f"checkpoint {file} is damaged or not a nanogpt checkpoint ({e})") from None
+    return ckpt.get("config") or {} if isinstance(ckpt, dict) else {}
+
+
+def rng_state(device: str) -> dict[str, Any]:
+    """Python's, numpy's, torch's and CUDA's generator states as lists and tensors (weights_only-safe)."""
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": [version, list(internal), gauss],
+        "numpy": [name, keys.tolist(), pos, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if torch.device(device).type == "cuda" else None,
+    }
+
+
+def restore_rng(state: dict[str, Any], device: str) -> None:
+    """Continue the generators where rng_state(device) left them."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.device(device).type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def load_model(source: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, Any]:
@@ -103,3 +171,19 @@ def load_model(source: str | Path, device: str | torch.device = "cpu") -> tuple[
         meta = ckpt.get("tokenizer")
         tokenizer = tokenizer_from_meta(meta) if meta else get_tokenizer("gpt2")
     return model.to(device).eval(), tokenizer
+
+
+def model_source(init_from: str, out_dir: str) -> str:
+    """What an inference command loads: out_dir's checkpoint for init_from="resume", else init_from."""
+    return out_dir if init_from == "resume" else init_from
+
+
+def load_for_inference(source: str, device: str, compile: bool) -> tuple[GPT, Any]:
+    """(model, tokenizer) in eval mode on `device`, compiled in place if asked (so every method that
+    calls the model, and the decoding engine, use the compiled forward)."""
+    from nanogpt.perf import compile_options
+
+    model, tokenizer = load_model(source, device)
+    if compile:
+        model.compile(options=compile_options(device))
+    return model, tokenizer

@@ -1,24 +1,28 @@
 """Where and in what precision a model runs: the device ("auto": cuda > mps > cpu), the dtype ("auto": the
-fastest one that changes results only by bf16 rounding), the autocast context, and the device's measured
-matmul peak (for MFU). Every command resolves these here, the same way."""
+fastest one that changes results only by bf16 rounding) and the autocast context. Every command resolves
+these here, the same way. (What makes a device fast, and how fast it is: nanogpt/perf.py.)"""
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import functools
 import os
 import platform
-import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal
 
 import torch
 
 from nanogpt.errors import NanoGPTError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# how every config spells a precision: "auto" or a DTYPES name
+DtypeName = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+def device_type(device: str | torch.device) -> str:
+    """ "cuda:1" -> "cuda": the kind of device, which decides kernels, autocast and the gradient scaler."""
+    return torch.device(device).type
 
 
 def resolve_device(device: str) -> str:
@@ -60,7 +64,7 @@ def cpu_has_native_bf16() -> bool:
 def device_name(device: str) -> str:
     """What benchmarks report the hardware as: the GPU's name, or the CPU's model name (Linux), else its
     architecture."""
-    if torch.device(device).type == "cuda":
+    if device_type(device) == "cuda":
         return torch.cuda.get_device_name(device)
     for line in _cpuinfo().splitlines():
         if line.startswith("model name"):
@@ -80,7 +84,7 @@ def resolve_dtype(dtype: str, device: str) -> str:
     check_dtype(dtype)
     if dtype != "auto":
         return dtype
-    kind = torch.device(device).type
+    kind = device_type(device)
     if kind == "cuda":
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
     if kind == "cpu" and cpu_has_native_bf16():
@@ -92,93 +96,10 @@ def autocast(device: str, dtype: str) -> contextlib.AbstractContextManager:
     """The precision context for forward passes: plain float32, or mixed precision via torch.autocast."""
     if dtype == "float32":
         return contextlib.nullcontext()
-    return torch.autocast(device_type=torch.device(device).type, dtype=DTYPES[dtype])
-
-
-@functools.cache
-def keep_freed_memory(device: str) -> bool:
-    """On a CPU device, tell glibc's malloc to keep freed memory for reuse instead of handing it back
-    to the OS (GPU activations live in PyTorch's own caching allocator already).
-
-    By default, blocks above a threshold (128 KiB, raised adaptively up to 32 MiB) are mapped afresh
-    and trimmed back on free. A CPU training step frees and re-allocates megabytes of activations, so
-    each step can cost thousands of page faults: always for blocks over 32 MiB (a GPT-2-sized model's
-    activations), and for smaller ones as the adaptive threshold falls out on the machine (2,900 per
-    step for the shakespeare_char_cpu model on an AMD Zen 4, 7 with this: 10-20% of a bf16 step).
-    Returns whether it applied (Linux with glibc only; once per process)."""
-    if torch.device(device).type != "cpu" or not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # another C library (musl): leave it alone
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # from <malloc.h>
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30) and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
-
-
-def one_position_kernels(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
-    """The context for one decoding step (one position per sequence: many tiny ops). On a CPU in float32
-    it switches PyTorch from oneDNN's kernels to its own, process-wide while inside: oneDNN's per-call
-    setup costs more than such small work (a GELU of 512 values takes 8-24 us through oneDNN, 1.5 us
-    without; the cached decoding step of the shakespeare_char_cpu model is 15% faster). float32 matmuls
-    use BLAS either way; bf16 (weights or autocast) keeps oneDNN, which its matmuls need."""
-    if device.type != "cpu" or dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
-        return contextlib.nullcontext()
-    return _onednn_disabled()
-
-
-@contextlib.contextmanager
-def _onednn_disabled() -> Iterator[None]:
-    enabled = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = False
-    try:
-        yield
-    finally:
-        torch.backends.mkldnn.enabled = enabled
-
-
-def wants_compile(compile: bool | None, device: str) -> bool:
-    """Whether to torch.compile: as asked, else (None) on CUDA only. A CPU compile takes ~60 s cold (7 s
-    from inductor's cache) and pays back only over long runs."""
-    return compile if compile is not None else torch.device(device).type == "cuda"
-
-
-def compile_options(device: str) -> dict[str, bool]:
-    """Inductor options for torch.compile(..., options=...). On a CPU its C++ wrapper calls the generated
-    kernels without a Python frame each: the shakespeare_char_cpu training step ~10% faster
-    (benchmarks/bench_train.py). Untested on GPUs here, so they keep inductor's defaults."""
-    return {"cpp_wrapper": True} if torch.device(device).type == "cpu" else {}
+    return torch.autocast(device_type=device_type(device), dtype=DTYPES[dtype])
 
 
 def synchronize(device: str) -> None:
     """Wait for queued GPU work, so that a timer measures it (a no-op on the CPU)."""
-    if torch.device(device).type == "cuda":
+    if device_type(device) == "cuda":
         torch.cuda.synchronize(device)
-
-
-@functools.cache
-def matmul_peak_flops(device: str, dtype: torch.dtype, repeats: int = 10, max_seconds: float = 0.05) -> float:
-    """FLOP/s of the fastest of `repeats` square matmuls, large enough to reach the device's peak: what
-    MFU is measured against on this machine (once per process). The size doubles from 256 up to 8192 on
-    a GPU (2048 on a CPU), or until one matmul takes max_seconds: a dtype the device only emulates
-    (float16 on most CPUs, ~2 GFLOP/s) is measured in a second instead of minutes."""
-    largest = 8192 if torch.device(device).type == "cuda" else 2048
-    n = 256
-    while True:
-        a = torch.randn(n, n, device=device, dtype=dtype)
-        b = torch.randn(n, n, device=device, dtype=dtype)
-        a @ b  # warm up: library dispatch, thread pool, clocks
-        seconds = _time_matmul(a, b, device)
-        if n >= largest or seconds > max_seconds:
-            break
-        n *= 2
-    best = min(_time_matmul(a, b, device) for _ in range(repeats))
-    return 2 * n**3 / best
-
-
-def _time_matmul(a: torch.Tensor, b: torch.Tensor, device: str) -> float:
-    synchronize(device)
-    t0 = time.perf_counter()
-    a @ b
-    synchronize(device)
-    return time.perf_counter() - t0

@@ -24,14 +24,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from nanogpt.checkpoint import checkpoint_path
-from nanogpt.config import parse_options
+from nanogpt.checkpoint import load_for_inference, model_source, training_config
 from nanogpt.data.loader import load_split, read_meta, sequential_batches
 from nanogpt.data.tokenizers import tokenizer_from_meta
-from nanogpt.device import autocast, check_dtype, resolve_device, resolve_dtype
+from nanogpt.device import DtypeName, autocast, check_dtype, resolve_device, resolve_dtype
 from nanogpt.errors import NanoGPTError
 from nanogpt.model import GPT
-from nanogpt.sample import load_for_inference, model_source
+from nanogpt.options import parse_options
 
 _DECODE_CHUNK = 1 << 20  # tokens decoded at once when counting the characters and bytes of the text
 
@@ -48,7 +47,7 @@ class EvalConfig:
     block_size: int = 0  # window length; 0: the model's block_size
     max_tokens: int = 0  # evaluate on the first max_tokens tokens only (a fixed budget); 0: all of them
     device: str = "auto"
-    dtype: str = "float32"  # float32, bfloat16 / float16 through torch.autocast, or auto (as training)
+    dtype: DtypeName = "float32"  # float32, bfloat16 / float16 through torch.autocast, or auto (as training)
     compile: bool = False
     json: bool = False  # print one JSON object instead of a table
 
@@ -126,10 +125,8 @@ def evaluate(
 
 
 def training_dataset(source: str) -> tuple[str, str]:
-    """(dataset, data_dir) a checkpoint was trained on, read from its saved training config (mmap: the
-    weights stay on disk)."""
-    ckpt = torch.load(checkpoint_path(source), map_location="cpu", mmap=True, weights_only=True)
-    config = ckpt.get("config") or {}
+    """(dataset, data_dir) a checkpoint was trained on, from its saved training config."""
+    config = training_config(source)
     if not config.get("dataset"):
         raise NanoGPTError(f"{source}: the checkpoint does not say its dataset; give --dataset or --file")
     return config["dataset"], config.get("data_dir", "data")

@@ -30,12 +30,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nanogpt.bench import generation_tokens_per_second, split_options
+from nanogpt.bench import generation_tokens_per_second
 from nanogpt.checkpoint import load_model, resume_path
-from nanogpt.config import read_argv, set_fields, to_dict
 from nanogpt.device import resolve_device
 from nanogpt.errors import NanoGPTError
 from nanogpt.files import atomic_open, write_text_atomic
+from nanogpt.options import read_argv, set_fields, split_options, to_dict
 from nanogpt.train.config import TrainConfig, load_train_config
 from nanogpt.train.metrics import read_metrics
 from nanogpt.train.trainer import train
@@ -212,7 +212,7 @@ def main(argv: list[str]) -> int:
     overrides = read_argv(ExperimentOptions, argv, title)
     if overrides is None:
         return 0
-    own, train_overrides = split_options(ExperimentOptions, overrides)
+    own, train_overrides = split_options(ExperimentOptions, overrides, TrainConfig)
     for key, instead in (("dataset", "--datasets"), ("out_dir", "--out")):
         if key in train_overrides:
             raise NanoGPTError(f"the experiment sets each run's {key}: use {instead}")

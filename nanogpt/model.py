@@ -1,6 +1,7 @@
 """The GPT-2 language model, in one file that reads top to bottom.
 
-LayerNorm -> CausalSelfAttention -> MLP -> Block -> GPTConfig -> GPT (+ the KV caches and sampling for generate).
+LayerNorm -> KVCache -> CausalSelfAttention -> MLP -> Block -> GPTConfig -> GPT -> sampling. GPT.generate is
+the plain decoding loop; nanogpt/generate.py is the fast engine the commands use, tested against it.
 Parameter names follow OpenAI's GPT-2 (wte, wpe, h, ln_f, c_attn, c_proj, c_fc), so importing its weights
 is a key-for-key copy with four transposed matrices (see nanogpt/hf.py).
 
@@ -11,15 +12,12 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from nanogpt.cuda_graph import CUDAGraphStep
-from nanogpt.device import one_position_kernels
 from nanogpt.errors import NanoGPTError
 
 
@@ -49,8 +47,8 @@ class KVCache:
         return torch.arange(self.len, self.len + T, dtype=torch.long, device=device)
 
     def _storage(self, kv: torch.Tensor) -> torch.Tensor:
-        """The (2, B, nh, max_len, hs) buffer, allocated at the first append in kv's dtype. Zeros: the
-        static cache attends over unfilled slots too, with weight 0, and 0 * NaN would be NaN."""
+        """The (2, B, nh, max_len, hs) buffer, allocated at the first append in kv's dtype. Zeros: a cache
+        that attends over unfilled slots with weight 0 (generate.StaticKVCache) must not read 0 * NaN."""
         if self.kv is None:
             _, B, nh, _, hs = kv.shape
             self.kv = kv.new_zeros(2, B, nh, self.max_len, hs)
@@ -64,26 +62,6 @@ class KVCache:
         self.len = end
         k, v = self.kv[:, :, :, :end].unbind(0)
         return k, v, None
-
-
-class StaticKVCache(KVCache):
-    """The same cache with fixed shapes: attention reads all max_len slots, the unfilled ones masked
-    out, and the next position is a (1,) device tensor that the caller sets (shared by all layers). A
-    decoding step then reads no host value, so a CUDA graph can replay it (on a GPU a small model's step
-    is all kernel launches); `len` stays 0."""
-
-    def __init__(self, max_len: int, pos: torch.Tensor):
-        super().__init__(max_len)
-        self.pos = pos
-
-    def positions(self, T: int, device: torch.device) -> torch.Tensor:
-        return self.pos + torch.arange(T, dtype=torch.long, device=device)
-
-    def append(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        positions = self.positions(kv.size(3), kv.device)  # (T,)
-        k, v = self._storage(kv).index_copy_(3, positions, kv).unbind(0)
-        visible = torch.arange(self.max_len, device=kv.device) <= positions[:, None]  # (T, max_len)
-        return k, v, visible
 
 
 class CausalSelfAttention(nn.Module):
@@ -179,6 +157,12 @@ class Block(nn.Module):
         x = x + self.attn(self.ln_1(x), kv_cache)
         x = x + self.mlp(self.ln_2(x))
         return x
+
+
+def padded_vocab_size(vocab_size: int, multiple: int = 64) -> int:
+    """vocab_size rounded up to a multiple of 64: GPT-2's 50257 -> 50304, as nanoGPT pads it (the lm_head
+    matmul runs faster on such shapes; the extra tokens are never targets)."""
+    return -(-vocab_size // multiple) * multiple
 
 
 @dataclass
@@ -338,18 +322,11 @@ class GPT(nn.Module):
         L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size
         return 6 * self.get_num_params() + 12 * L * H * Q * T
 
-    def estimate_mfu(self, fwdbwd_per_iter: int, dt: float, peak_flops: float | None = None) -> float:
+    def estimate_mfu(self, fwdbwd_per_iter: int, dt: float, peak_flops: float) -> float:
         """Model FLOPs utilisation: achieved FLOP/s of fwdbwd_per_iter sequences in dt seconds over
-        peak_flops (default: an A100's bf16 peak, 312 TFLOP/s)."""
+        peak_flops (nanogpt.perf.matmul_peak_flops measures this device's; nanoGPT used an A100's 312e12)."""
         flops_per_iter = self.flops_per_token() * self.config.block_size * fwdbwd_per_iter
-        return flops_per_iter / dt / (312e12 if peak_flops is None else peak_flops)
-
-    def new_kv_cache(self, max_len: int, device: torch.device) -> list[KVCache]:
-        """One empty cache per layer for up to max_len positions: static on a GPU (for CUDA graphs)."""
-        if device.type != "cuda":
-            return [KVCache(max_len) for _ in self.transformer.h]
-        pos = torch.zeros(1, dtype=torch.long, device=device)
-        return [StaticKVCache(max_len, pos) for _ in self.transformer.h]
+        return flops_per_iter / dt / peak_flops
 
     @torch.no_grad()
     def generate(
@@ -362,51 +339,55 @@ class GPT(nn.Module):
         use_cache: bool = True,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """Continue idx (B, T) by max_new_tokens tokens; returns (B, T + max_new_tokens)."""
-        new_tokens = list(
-            self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator)
-        )
-        return torch.cat([idx, *new_tokens], dim=1)
+        """Continue idx (B, T) by max_new_tokens tokens; returns (B, T + max_new_tokens).
 
-    @torch.inference_mode()  # no autograd bookkeeping at all: ~9% less time per cached token on a CPU
-    def generate_stream(
-        self,
-        idx: torch.Tensor,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        use_cache: bool = True,
-        generator: torch.Generator | None = None,
-    ) -> Iterator[torch.Tensor]:
-        """Yield the next token of each sequence, (B, 1), max_new_tokens times (for streaming output).
-
-        With use_cache, the prompt is read once and each new token costs one position's forward pass.
+        With use_cache the prompt is read once and each new token costs one position's forward pass.
         Once the sequence outgrows block_size, every step conditions on the last block_size tokens at
         positions 0..block_size-1 (as nanoGPT does): those keys all change, so that phase recomputes.
-        On a GPU each cached step replays a recorded CUDA graph (nanogpt/cuda_graph.py).
-        use_cache=False recomputes every step: the reference both paths are tested to agree with.
-        The yielded tensors are inference tensors: clone one outside inference mode to use it where
-        autograd saves it (generate's result, made by torch.cat outside, is a normal tensor)."""
+        use_cache=False recomputes every step: nanoGPT's loop, the reference the caches are tested against."""
+        validate_sampling(idx, max_new_tokens, temperature, top_k, top_p, self.config.vocab_size)
         block_size = self.config.block_size
         cache: list[KVCache] | None = None
-        graphed_step: CUDAGraphStep | None = None
         for _ in range(max_new_tokens):
             if not use_cache or idx.size(1) > block_size:
                 logits, _ = self(idx[:, -block_size:])
             elif cache is None:  # read the whole prompt once
-                cache = self.new_kv_cache(min(block_size, idx.size(1) + max_new_tokens), idx.device)
+                cache = [KVCache(min(block_size, idx.size(1) + max_new_tokens)) for _ in self.transformer.h]
                 logits, _ = self(idx, kv_cache=cache)
-            elif idx.is_cuda:  # only the newest token is not cached yet: one launch of the recorded step
-                if graphed_step is None:
-                    graphed_step = CUDAGraphStep(self, cache, idx[:, -1:], idx.size(1) - 1)
-                logits = graphed_step(idx[:, -1:], idx.size(1) - 1)
-            else:
-                with one_position_kernels(idx.device, self.lm_head.weight.dtype):
-                    logits, _ = self(idx[:, -1:], kv_cache=cache)
+            else:  # only the newest token is not cached yet
+                logits, _ = self(idx[:, -1:], kv_cache=cache)
             idx_next = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator)
             idx = torch.cat((idx, idx_next), dim=1)
-            yield idx_next
+        return idx
+
+
+def validate_sampling(
+    idx: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    vocab_size: int,
+) -> None:
+    """Raise NanoGPTError naming the first argument of a generate call that is out of range."""
+    if idx.dim() != 2 or idx.dtype not in (torch.long, torch.int, torch.int16, torch.uint8):
+        raise NanoGPTError(
+            f"idx must be a (B, T) tensor of integer token ids, got {idx.dtype} of shape {tuple(idx.shape)}"
+        )
+    if idx.numel() == 0:
+        raise NanoGPTError("idx is empty: give at least one token per sequence")
+    if int(idx.min()) < 0 or int(idx.max()) >= vocab_size:
+        raise NanoGPTError(
+            f"token ids must be in 0..{vocab_size - 1} (the model's vocabulary), got {int(idx.min())}..{int(idx.max())}"
+        )
+    if max_new_tokens < 0:
+        raise NanoGPTError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if not temperature >= 0:
+        raise NanoGPTError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise NanoGPTError(f"top_k must be >= 1 or None, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise NanoGPTError(f"top_p must be in (0, 1] or None, got {top_p}")
 
 
 def sample_next_token(

@@ -3,9 +3,6 @@ printed to the terminal token by token as it is generated.
 
     nanogpt sample --out_dir=out/shakespeare_char --start="ROMEO:" --num_samples=3
     nanogpt sample --init_from=gpt2 --start=FILE:prompt.txt --top_p=0.9
-
-Also home of what the other inference commands (eval, bench) share: option parsing, the device, the
-precision context and where the model comes from.
 """
 
 from __future__ import annotations
@@ -18,11 +15,12 @@ from typing import Any, TextIO, TypeVar
 
 import torch
 
-from nanogpt.checkpoint import load_model
-from nanogpt.config import parse_options
-from nanogpt.device import autocast, check_dtype, compile_options, resolve_device, resolve_dtype
+from nanogpt.checkpoint import load_for_inference, model_source
+from nanogpt.device import DtypeName, autocast, check_dtype, resolve_device, resolve_dtype
 from nanogpt.errors import NanoGPTError
+from nanogpt.generate import decode_stream, generate_stream
 from nanogpt.model import GPT
+from nanogpt.options import parse_options
 
 C = TypeVar("C")
 
@@ -39,7 +37,7 @@ class SampleConfig:
     top_p: float | None = None  # nucleus sampling: the smallest set of tokens whose probability reaches p
     seed: int = 1337
     device: str = "auto"  # auto (cuda > mps > cpu) | cpu | cuda | cuda:1 | mps
-    dtype: str = "float32"  # float32, bfloat16 / float16 through torch.autocast, or auto (as training)
+    dtype: DtypeName = "float32"  # float32, bfloat16 / float16 through torch.autocast, or auto (as training)
     compile: bool = False  # torch.compile the model (pays off for long or many samples on a GPU)
     stop_at_eot: bool = True  # end a sample at the end-of-text token (GPT-2's <|endoftext|>), if any
 
@@ -55,27 +53,6 @@ class SampleConfig:
             raise NanoGPTError(f"top_k must be >= 1 or None, got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise NanoGPTError(f"top_p must be in (0, 1] or None, got {self.top_p}")
-
-
-# ---------------------------------------------------------------------------------------------------------
-# shared by the inference commands
-
-
-def model_source(init_from: str, out_dir: str) -> str:
-    return out_dir if init_from == "resume" else init_from
-
-
-def load_for_inference(source: str, device: str, compile: bool) -> tuple[GPT, Any]:
-    """(model, tokenizer) in eval mode on `device`, compiled in place if asked (so model.generate and
-    every other method that calls the model use the compiled forward)."""
-    model, tokenizer = load_model(source, device)
-    if compile:
-        model.compile(options=compile_options(device))
-    return model, tokenizer
-
-
-# ---------------------------------------------------------------------------------------------------------
-# sampling
 
 
 def read_prompt(start: str) -> str:
@@ -108,29 +85,13 @@ def encode_prompt(text: str, tokenizer: Any, block_size: int) -> list[int]:
 def stream_text(
     model: GPT, tokenizer: Any, prompt_ids: list[int], cfg: SampleConfig, generator: torch.Generator
 ) -> Iterator[str]:
-    """Yield one sample's new text piece by piece as its tokens are generated.
-
-    Each step decodes all new ids and yields the new suffix: a BPE token can hold part of a multi-byte
-    character, which decodes to U+FFFD until the rest arrives, so such an ending is held back."""
+    """Yield one sample's new text piece by piece as its tokens are generated (never half a character)."""
     device = next(model.parameters()).device
     idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, T)
-    ids: list[int] = []
-    shown = 0
-    steps = model.generate_stream(
-        idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, generator=generator
+    steps = generate_stream(
+        model, idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, generator=generator
     )
-    for token in steps:
-        token_id = int(token)
-        if cfg.stop_at_eot and token_id == tokenizer.eot:
-            break
-        ids.append(token_id)
-        text = tokenizer.decode(ids)
-        if not text.endswith("\ufffd"):
-            yield text[shown:]
-            shown = len(text)
-    text = tokenizer.decode(ids)
-    if len(text) > shown:
-        yield text[shown:]
+    yield from decode_stream(tokenizer, (int(t) for t in steps), tokenizer.eot if cfg.stop_at_eot else None)
 
 
 def sample(cfg: SampleConfig, out: TextIO | None = None) -> list[str]:

@@ -41,7 +41,7 @@ def data_dir(tmp_path_factory, sources_dir: Path) -> Path:
 def tiny_train_config(data_dir: Path, out_dir: Path, **overrides):
     """A TrainConfig for a 2-layer model on shakespeare_char that trains in milliseconds per step, on
     the CPU in float32 (so results compare bit for bit); tests override what they exercise."""
-    from nanogpt.config import set_fields
+    from nanogpt.options import set_fields
     from nanogpt.train.config import TrainConfig
 
     values = dict(

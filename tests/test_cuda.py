@@ -12,8 +12,8 @@ from conftest import tiny_train_config
 
 from nanogpt import GPT, GPTConfig
 from nanogpt.checkpoint import load_checkpoint
-from nanogpt.config import set_fields
-from nanogpt.cuda_graph import CUDAGraphStep
+from nanogpt.generate import CUDAGraphStep, generate, new_kv_cache
+from nanogpt.options import set_fields
 from nanogpt.train.metrics import read_metrics
 from nanogpt.train.trainer import train
 
@@ -83,7 +83,9 @@ def test_cuda_generate_with_cache_equals_recompute(batch):
     outs = []
     for use_cache in (True, False):
         gen = torch.Generator(device="cuda").manual_seed(7)
-        outs.append(model.generate(prompt, 50, temperature=1.0, top_k=20, use_cache=use_cache, generator=gen))
+        outs.append(
+            generate(model, prompt, 50, temperature=1.0, top_k=20, use_cache=use_cache, generator=gen)
+        )
     assert outs[0].shape == (batch, 55) and torch.equal(outs[0], outs[1])
 
 
@@ -98,7 +100,7 @@ def test_cuda_graph_replays_the_eager_decoding_step(compiled):
     tokens = torch.randint(0, 65, (3, 20), device="cuda")
     device = tokens.device
     with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16):
-        graphed, eager = model.new_kv_cache(32, device), model.new_kv_cache(32, device)
+        graphed, eager = new_kv_cache(model, 32, device), new_kv_cache(model, 32, device)
         for cache in (graphed, eager):
             model(tokens[:, :5], kv_cache=cache)
         step = CUDAGraphStep(model, graphed, tokens[:, 5:6], 5)

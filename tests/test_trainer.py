@@ -16,9 +16,9 @@ import torch
 from conftest import tiny_train_config
 
 from nanogpt.checkpoint import load_checkpoint, model_from_checkpoint, resume_path, save_checkpoint
-from nanogpt.config import set_fields
 from nanogpt.errors import NanoGPTError
 from nanogpt.model import GPT
+from nanogpt.options import set_fields
 from nanogpt.train.config import TrainConfig
 from nanogpt.train.metrics import read_metrics
 from nanogpt.train.trainer import train

@@ -321,6 +321,16 @@ def prepare_dataset(
     return _prepare_text(name, spec, files, tokenizer, val_fraction, out)
 
 
+def ensure_prepared(name: str, data_dir: str | Path) -> Path:
+    """DATA_DIR/NAME, prepared first if it is a known dataset that is not there yet (a dataset of your own
+    must be prepared with `nanogpt prepare NAME --source PATH`)."""
+    path = Path(data_dir) / name
+    if not (path / "meta.json").is_file() and name in DATASETS:
+        print(f"{path} is not prepared: running `nanogpt prepare {name} --data_dir={data_dir}`")
+        prepare_dataset(name, data_dir=data_dir)
+    return path
+
+
 def _parser() -> argparse.ArgumentParser:
     known = "\n".join(f"  {name:<17} {spec.description}" for name, spec in DATASETS.items())
     parser = argparse.ArgumentParser(

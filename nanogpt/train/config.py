@@ -7,15 +7,15 @@ Precedence: dataclass defaults (nanoGPT's train.py: GPT-2 124M on OpenWebText) <
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from nanogpt.config import help_text, parse_overrides, read_toml, set_fields
+from nanogpt.device import DtypeName
 from nanogpt.errors import NanoGPTError
 from nanogpt.hf import PRETRAINED
+from nanogpt.options import did_you_mean, help_text, parse_overrides, read_toml, set_fields
 
 
 @dataclass
@@ -72,9 +72,7 @@ class TrainConfig:
         "ddp"  # under torchrun: replicate the model (ddp) or shard it (fsdp, FSDP2)
     )
     device: str = "auto"  # auto (cuda > mps > cpu) | cpu | cuda | cuda:1 | mps
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = (
-        "auto"  # auto: bfloat16 on CUDA that has it, float16 on older CUDA, else float32
-    )
+    dtype: DtypeName = "auto"  # auto: bfloat16 on CUDA that has it, float16 on older CUDA, else float32
     compile: bool | None = None  # torch.compile the model; None: on CUDA only
     seed: int = 1337  # model init, dropout and training batches (process k uses seed + k)
 
@@ -117,9 +115,9 @@ def read_preset(name_or_path: str) -> dict[str, Any]:
         return read_toml(name_or_path)
     names = preset_names()
     if name_or_path not in names:
-        close = difflib.get_close_matches(name_or_path, names, n=3)
-        hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise NanoGPTError(f"unknown preset {name_or_path!r} (presets: {', '.join(names)}).{hint}")
+        raise NanoGPTError(
+            f"unknown preset {name_or_path!r} (presets: {', '.join(names)}).{did_you_mean(name_or_path, names)}"
+        )
     with resources.as_file(resources.files(__package__).joinpath("presets", f"{name_or_path}.toml")) as path:
         return read_toml(path)
 

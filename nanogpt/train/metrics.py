@@ -15,9 +15,9 @@ from typing import Any
 
 from tqdm import tqdm
 
-from nanogpt.config import to_dict
 from nanogpt.errors import NanoGPTError
 from nanogpt.files import atomic_open, write_text_atomic
+from nanogpt.options import to_dict
 from nanogpt.train.config import TrainConfig
 
 METRICS_NAME = "metrics.jsonl"
@@ -123,6 +123,25 @@ class RunLog:
             self.wandb.finish()
         if self.tensorboard is not None:
             self.tensorboard.close()
+
+
+class NullLog:
+    """RunLog's stand-in on ranks other than 0: records nothing, shows nothing."""
+
+    def message(self, text: str) -> None:
+        pass
+
+    def step(self) -> None:
+        pass
+
+    def log_iter(self, record: dict[str, Any]) -> None:
+        pass
+
+    def log_eval(self, record: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def _start_wandb(cfg: TrainConfig):

@@ -11,6 +11,8 @@ micro-steps; every log_interval a log line. One process on a CPU, a GPU or an Ap
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import random
@@ -32,32 +34,28 @@ from torch.distributed.checkpoint.state_dict import (
 from nanogpt.checkpoint import (
     CKPT_NAME,
     RESUME_NAME,
-    clean_state_dict,
     discard_resume,
     load_checkpoint,
+    restore_rng,
     resume_path,
+    rng_state,
     save_checkpoint,
+    training_checkpoint,
 )
-from nanogpt.config import to_dict
 from nanogpt.data.loader import BatchLoader, read_meta
-from nanogpt.device import (
-    DTYPES,
-    autocast,
-    compile_options,
-    keep_freed_memory,
-    matmul_peak_flops,
-    resolve_device,
-    resolve_dtype,
-    wants_compile,
-)
+from nanogpt.data.prepare import ensure_prepared
+from nanogpt.device import DTYPES, autocast, device_type, resolve_device, resolve_dtype
 from nanogpt.errors import NanoGPTError
 from nanogpt.files import write_text_atomic
-from nanogpt.model import GPT, GPTConfig
+from nanogpt.options import to_dict
+from nanogpt.perf import compile_options, keep_freed_memory, matmul_peak_flops, wants_compile
 from nanogpt.train import distributed
 from nanogpt.train.config import TrainConfig, load_train_config, train_help
 from nanogpt.train.distributed import DistEnv
-from nanogpt.train.metrics import RunLog
+from nanogpt.train.metrics import NullLog, RunLog
+from nanogpt.train.model_init import init_model
 from nanogpt.train.schedule import get_lr
+from nanogpt.train.step import Batch, TrainStep, new_scaler
 
 # Eval batches come from a loader of their own with this seed: the same windows at every eval (smoother
 # curves that compare across runs), and evaluating never shifts the training stream (exact resume).
@@ -83,8 +81,16 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     keep_freed_memory(device)  # no page faults for each CPU step's activations
     env = distributed.init(device, cfg.backend)
     try:
-        with StopRequest() as stop:
-            result = _train(cfg, env, device, stop)
+        # prints come from rank 0 only; every rank still reports errors on stderr
+        quiet = contextlib.nullcontext() if env.master else contextlib.redirect_stdout(io.StringIO())
+        with quiet, StopRequest() as stop:
+            run = Run(cfg, env, device)
+            log = RunLog(cfg, run.start_iter) if env.master else NullLog()
+            try:
+                run.loop(stop, log)
+            finally:
+                log.close()
+            result = run.result(stop.signal_name)
         # all ranks done before any leaves: gloo aborted a rank that tore down its connections while
         # rank 0 still wrote the last checkpoint (half the runs of tests/test_distributed.py under load)
         distributed.barrier(env)
@@ -118,231 +124,206 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-def _train(cfg: TrainConfig, env: DistEnv, device: str, stop: StopRequest) -> dict[str, Any]:
-    device_type = torch.device(device).type  # for autocast and the gradient scaler
-    dtype_name = resolve_dtype(cfg.dtype, device)
-    dtype = DTYPES[dtype_name]
-    accum = distributed.per_rank_accumulation(cfg.gradient_accumulation_steps, env.world_size)
-    if env.master:
+class Run:
+    """One training run, set up as its config says; `loop` trains it. Every rank builds one: all compute,
+    rank 0 alone writes (the other ranks' log is a NullLog)."""
+
+    def __init__(self, cfg: TrainConfig, env: DistEnv, device: str):
+        self.cfg, self.env, self.device = cfg, env, device
+        self.dtype = resolve_dtype(cfg.dtype, device)
+        self.accum = distributed.per_rank_accumulation(cfg.gradient_accumulation_steps, env.world_size)
+        torch.backends.cuda.matmul.allow_tf32 = True  # tf32 matmuls and convolutions on Ampere+ GPUs
+        torch.backends.cudnn.allow_tf32 = True
+        self.autocast = autocast(device, self.dtype)
+        self.peak_flops = matmul_peak_flops(device, DTYPES[self.dtype])  # what MFU is measured against
+
+        # data, and the model: from scratch, from out_dir's checkpoint, or from GPT-2 weights
+        self.data_dir = dataset_dir(cfg, env)
+        self.meta = read_meta(self.data_dir)
+        ckpt = load_checkpoint(resume_path(cfg.out_dir)) if cfg.init_from == "resume" else None
+        _seed_everything(cfg.seed)  # the same initial weights on every rank (FSDP shards them as they are)
+        self.raw_model = init_model(cfg, self.meta, ckpt).to(device)
+        self.block_size = self.raw_model.config.block_size
+        self.tokens_per_iter = self.accum * env.world_size * cfg.batch_size * self.block_size
+        self._build_step()
+        self.loader = BatchLoader(
+            self.data_dir, cfg.batch_size, self.block_size, device, cfg.seed, env.rank, env.world_size
+        )
+        _seed_everything(cfg.seed + env.rank)  # dropout differs across ranks, like their batches
+        self.iter_num, self.best_val_loss, self.train_time = 0, math.inf, 0.0
+        if ckpt is not None:
+            self._restore(ckpt)
+        self.start_iter = self.iter_num
+        self.batches = TrainBatches(self.loader)  # the first batch, fetched ahead
+        self.last_eval: dict[str, float] = {}
+        self.last_loss = math.nan
+        if env.master:  # only now that everything is valid: a failed start leaves out_dir as it was
+            write_text_atomic(Path(cfg.out_dir) / "config.json", json.dumps(to_dict(cfg), indent=2) + "\n")
         print(f"config: {json.dumps(to_dict(cfg))}")
-        write_text_atomic(Path(cfg.out_dir) / "config.json", json.dumps(to_dict(cfg), indent=2) + "\n")
-        print(f"device {device}, dtype {str(dtype).removeprefix('torch.')}, {env.world_size} process(es)")
-    torch.backends.cuda.matmul.allow_tf32 = True  # tf32 matmuls and convolutions on Ampere+ GPUs
-    torch.backends.cudnn.allow_tf32 = True
-    ctx = autocast(device, dtype_name)
-    # MFU against this machine's measured matmul peak on a CPU; nanoGPT's A100 bf16 peak on a GPU
-    peak_flops = matmul_peak_flops(device, dtype) if device_type == "cpu" else None
+        print(f"device {device}, dtype {self.dtype}, {env.world_size} process(es)")
+        print(f"number of parameters: {self.raw_model.get_num_params() / 1e6:.2f}M")
+        print(f"tokens per iteration will be: {self.tokens_per_iter:,}")
 
-    # data, and the model: from scratch, from out_dir's checkpoint, or from GPT-2 weights
-    data_dir = dataset_dir(cfg, env)
-    meta = read_meta(data_dir)
-    ckpt = (
-        load_checkpoint(resume_path(cfg.out_dir), map_location="cpu") if cfg.init_from == "resume" else None
-    )
-    _seed_everything(cfg.seed)  # the same initial weights on every rank (FSDP shards them as they are)
-    raw_model = init_model(cfg, meta, ckpt).to(device)
-    block_size = raw_model.config.block_size
-    tokens_per_iter = accum * env.world_size * cfg.batch_size * block_size
-    if env.master:
-        print(f"number of parameters: {raw_model.get_num_params() / 1e6:.2f}M")
-        print(f"tokens per iteration will be: {tokens_per_iter:,}")
+    def _build_step(self) -> None:
+        """Replicate (DDP) or shard (FSDP) the model across processes, then compile it; the optimizer sees
+        the final parameters."""
+        cfg = self.cfg
+        self.wrapped = distributed.wrap(self.raw_model, self.env, cfg.parallel, self.device)
+        self.model = self.wrapped
+        if wants_compile(cfg.compile, self.device):
+            print("compiling the model... (takes a ~minute)")
+            self.model = torch.compile(self.wrapped, options=compile_options(self.device))
+        optimizer = self.raw_model.configure_optimizers(
+            cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type(self.device)
+        )
+        self.step = TrainStep(
+            self.model,
+            self.wrapped,
+            list(self.raw_model.parameters()),
+            optimizer,
+            new_scaler(self.device, self.dtype),
+            self.autocast,
+            self.accum,
+            cfg.grad_clip,
+        )
 
-    # replicate (DDP) or shard (FSDP) across processes, then compile; the optimizer sees the final parameters
-    wrapped = distributed.wrap(raw_model, env, cfg.parallel, device)
-    model = wrapped
-    if wants_compile(cfg.compile, device):
-        print("compiling the model... (takes a ~minute)")
-        model = torch.compile(wrapped, options=compile_options(device))
-    optimizer = raw_model.configure_optimizers(
-        cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type
-    )
-    # a gradient scaler keeps float16 gradients from underflowing; a no-op for other dtypes
-    scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
-    loader = BatchLoader(data_dir, cfg.batch_size, block_size, device, cfg.seed, env.rank, env.world_size)
-    _seed_everything(cfg.seed + env.rank)  # dropout differs across ranks, like their batches
-    iter_num, best_val_loss = 0, math.inf
-    if ckpt is not None:
-        iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
-        set_optimizer_state_dict(wrapped, optimizer, ckpt["optimizer"], options=FULL_STATE)
+    def _restore(self, ckpt: dict[str, Any]) -> None:
+        """Continue a checkpoint's run exactly: its optimizer, gradient scaler, batch stream and generators."""
+        self.iter_num, self.best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
+        set_optimizer_state_dict(self.wrapped, self.step.optimizer, ckpt["optimizer"], options=FULL_STATE)
         if ckpt["scaler"]:
-            scaler.load_state_dict(ckpt["scaler"])
-        loader.load_state_dict(ckpt["loader"])
-        _restore_rng(ckpt["rng"], env, device)
-        del ckpt  # free the memory
-    start_iter = iter_num
+            self.step.scaler.load_state_dict(ckpt["scaler"])
+        self.loader.load_state_dict(ckpt["loader"])
+        states = ckpt["rng"]
+        if len(states) == self.env.world_size:  # each rank continues its own generators
+            restore_rng(states[self.env.rank], self.device)
+        else:
+            print(
+                f"checkpoint made by {len(states)} process(es), now {self.env.world_size}: dropout RNG is reseeded"
+            )
 
-    run_log = RunLog(cfg, start_iter) if env.master else None
-    say = run_log.message if run_log else lambda text: None
-
-    def checkpoint(batch_state: dict, name: str = CKPT_NAME) -> None:
-        """Save everything that decides the next steps (a collective: every rank calls it) to ckpt.pt,
-        or to resume.pt when a signal stops a run whose ckpt.pt keeps its best model."""
-        model_state, optimizer_state = get_state_dict(wrapped, optimizer, options=FULL_STATE)
-        rng = distributed.gather(_rng_state(device), env)
-        if env.master:
-            state = {
-                "model": clean_state_dict(model_state),
-                "optimizer": optimizer_state,
-                "scaler": scaler.state_dict(),
-                "model_args": asdict(raw_model.config),
-                "iter_num": iter_num,
-                "best_val_loss": best_val_loss,
-                "config": to_dict(cfg),
-                "tokenizer": meta["tokenizer"],
-                "rng": rng,  # one state per rank
-                "loader": batch_state,
-            }
-            say(f"saving checkpoint to {save_checkpoint(state, cfg.out_dir, name)}")
-
-    train_time, last_eval, last_loss = 0.0, {}, math.nan
-    batch_state = loader.state_dict()  # the loader's state before the pending batch: a resume redraws it
-    X, Y = loader.get_batch("train")  # fetch the very first batch
-    try:
+    def loop(self, stop: StopRequest, log: RunLog | NullLog) -> None:
+        """Until max_iters: evaluate (and save) every eval_interval, one optimizer step per iteration, and
+        stop early, saved, at a signal."""
+        cfg = self.cfg
         while True:
-            # determine and set the learning rate for this iteration
-            lr = cfg.learning_rate
-            if cfg.decay_lr:
-                lr = get_lr(iter_num, cfg.learning_rate, cfg.warmup_iters, cfg.lr_decay_iters, cfg.min_lr)
-            for param_group in optimizer.param_groups:
-                param_group["lr"] = lr
-
-            # evaluate the loss on train/val sets and write checkpoints
-            if iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters or cfg.eval_only:
-                losses = estimate_loss(model, data_dir, cfg, block_size, device, ctx, env)
-                _check_finite(losses["val"] + losses["train"], iter_num, cfg.out_dir)
-                last_eval = losses
-                if run_log:
-                    run_log.log_eval(
-                        {"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"]}
-                    )
-                if losses["val"] < best_val_loss or cfg.always_save_checkpoint:
-                    best_val_loss = min(best_val_loss, losses["val"])
-                    if iter_num > start_iter:  # the state at start_iter is already on disk (or is GPT-2's)
-                        checkpoint(batch_state)
-            if cfg.eval_only or iter_num >= cfg.max_iters:
-                if env.master and not cfg.eval_only:  # complete: a stopped part's state is superseded
+            if self.iter_num % cfg.eval_interval == 0 or self.iter_num == cfg.max_iters or cfg.eval_only:
+                self.evaluate(log)
+            if cfg.eval_only or self.iter_num >= cfg.max_iters:
+                if self.env.master and not cfg.eval_only:  # complete: a stopped part's state is superseded
                     discard_resume(cfg.out_dir)
-                break
-
-            # forward backward update, with gradient accumulation to simulate a larger batch
-            t0 = time.perf_counter()
-            loss_sum = torch.zeros((), device=device)
-            for micro_step in range(accum):
-                distributed.set_grad_sync(wrapped, micro_step == accum - 1)
-                with ctx:
-                    _, loss = model(X, Y)
-                    loss = loss / accum  # scale the loss to account for gradient accumulation
-                if micro_step == accum - 1:
-                    batch_state = loader.state_dict()
-                # fetch the next batch while the GPU is busy with the forward pass (it copies asynchronously)
-                X, Y = loader.get_batch("train")
-                scaler.scale(loss).backward()  # backward pass, with gradient scaling if training in fp16
-                loss_sum += loss.detach()
-            scaler.unscale_(optimizer)  # clip the true gradients
-            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or math.inf)
-            scaler.step(optimizer)  # skipped if the float16 gradients overflowed
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)  # free the gradients' memory until the next backward
-
-            # timing and logging (reading the loss waits for the GPU: only every log_interval)
-            if iter_num % cfg.log_interval == 0:
-                lossf, normf = distributed.all_sum([loss_sum.item(), _full(grad_norm).item()], env, device)
-                lossf, normf = lossf / env.world_size, normf / env.world_size
-                _check_finite(lossf, iter_num, cfg.out_dir)
-                dt = time.perf_counter() - t0
-                last_loss = lossf
-                if run_log:
-                    run_log.log_iter(
-                        {
-                            "iter": iter_num,
-                            "loss": lossf,
-                            "lr": lr,
-                            "ms": dt * 1000,
-                            "tokens_per_sec": tokens_per_iter / dt,
-                            "mfu": raw_model.estimate_mfu(cfg.batch_size * accum, dt, peak_flops),
-                            "grad_norm": normf,
-                        }
-                    )
-            train_time += time.perf_counter() - t0
-            iter_num += 1
-            if run_log:
-                run_log.step()
-
+                return
+            self.train_one_step(log)
             # SIGINT / SIGTERM: every rank stops after the same step
-            if distributed.any_rank(stop.signal_name is not None, env, device):
-                checkpoint(batch_state, CKPT_NAME if cfg.always_save_checkpoint else RESUME_NAME)
-                say(
-                    f"stopped by {stop.signal_name or 'another rank'} at iteration {iter_num}. To resume: the same "
-                    f"command with --init_from=resume --out_dir={cfg.out_dir}"
+            if distributed.any_rank(stop.signal_name is not None, self.env, self.device):
+                self.save(log, CKPT_NAME if cfg.always_save_checkpoint else RESUME_NAME)
+                log.message(
+                    f"stopped by {stop.signal_name or 'another rank'} at iteration {self.iter_num}. To resume: "
+                    f"the same command with --init_from=resume --out_dir={cfg.out_dir}"
                 )
-                break
-    finally:
-        if run_log:
-            run_log.close()
+                return
 
-    final_train_loss = last_eval.get("train", last_loss)
-    return {
-        "final_train_loss": final_train_loss,
-        "final_val_loss": last_eval.get("val", math.nan),
-        "best_val_loss": best_val_loss,
-        "total_train_time": train_time,
-        "tokens_per_sec": tokens_per_iter * (iter_num - start_iter) / train_time if train_time else math.nan,
-        "iter_num": iter_num,
-        "out_dir": cfg.out_dir,
-        "stopped_by": stop.signal_name,
-    }
+    def evaluate(self, log: RunLog | NullLog) -> None:
+        """Estimate the train and val loss; save a checkpoint if val improved (or always, if so asked)."""
+        losses = estimate_loss(
+            self.model, self.data_dir, self.cfg, self.block_size, self.device, self.autocast, self.env
+        )
+        _check_finite(losses["val"] + losses["train"], self.iter_num, self.cfg.out_dir)
+        self.last_eval = losses
+        log.log_eval({"iter": self.iter_num, "train_loss": losses["train"], "val_loss": losses["val"]})
+        if losses["val"] < self.best_val_loss or self.cfg.always_save_checkpoint:
+            self.best_val_loss = min(self.best_val_loss, losses["val"])
+            if self.iter_num > self.start_iter:  # the state at start_iter is already on disk (or is GPT-2's)
+                self.save(log)
+
+    def train_one_step(self, log: RunLog | NullLog) -> None:
+        """Set the learning rate, take one optimizer step, and log it every log_interval iterations."""
+        cfg = self.cfg
+        lr = cfg.learning_rate
+        if cfg.decay_lr:
+            lr = get_lr(self.iter_num, cfg.learning_rate, cfg.warmup_iters, cfg.lr_decay_iters, cfg.min_lr)
+        for param_group in self.step.optimizer.param_groups:
+            param_group["lr"] = lr
+        t0 = time.perf_counter()
+        loss, grad_norm = self.step(self.batches)
+        if self.iter_num % cfg.log_interval == 0:  # reading the loss waits for the GPU: only here
+            lossf, normf = distributed.all_sum([loss.item(), _full(grad_norm).item()], self.env, self.device)
+            lossf, normf = lossf / self.env.world_size, normf / self.env.world_size
+            _check_finite(lossf, self.iter_num, cfg.out_dir)
+            dt = time.perf_counter() - t0
+            self.last_loss = lossf
+            log.log_iter(
+                {
+                    "iter": self.iter_num,
+                    "loss": lossf,
+                    "lr": lr,
+                    "ms": dt * 1000,
+                    "tokens_per_sec": self.tokens_per_iter / dt,
+                    "mfu": self.raw_model.estimate_mfu(cfg.batch_size * self.accum, dt, self.peak_flops),
+                    "grad_norm": normf,
+                }
+            )
+        self.train_time += time.perf_counter() - t0
+        self.iter_num += 1
+        log.step()
+
+    def save(self, log: RunLog | NullLog, name: str = CKPT_NAME) -> None:
+        """Save everything that decides the next steps to out_dir/name (a collective: every rank calls it)."""
+        model_state, optimizer_state = get_state_dict(self.wrapped, self.step.optimizer, options=FULL_STATE)
+        rng = distributed.gather(rng_state(self.device), self.env)
+        if self.env.master:
+            ckpt = training_checkpoint(
+                model=model_state,
+                optimizer=optimizer_state,
+                scaler=self.step.scaler.state_dict(),
+                model_args=asdict(self.raw_model.config),
+                iter_num=self.iter_num,
+                best_val_loss=self.best_val_loss,
+                config=to_dict(self.cfg),
+                tokenizer=self.meta["tokenizer"],
+                rng=rng,
+                loader=self.batches.resume_state,
+            )
+            log.message(f"saving checkpoint to {save_checkpoint(ckpt, self.cfg.out_dir, name)}")
+
+    def result(self, stopped_by: str | None) -> dict[str, Any]:
+        steps = self.iter_num - self.start_iter
+        return {
+            "final_train_loss": self.last_eval.get("train", self.last_loss),
+            "final_val_loss": self.last_eval.get("val", math.nan),
+            "best_val_loss": self.best_val_loss,
+            "total_train_time": self.train_time,
+            "tokens_per_sec": self.tokens_per_iter * steps / self.train_time if self.train_time else math.nan,
+            "iter_num": self.iter_num,
+            "out_dir": self.cfg.out_dir,
+            "stopped_by": stopped_by,
+        }
+
+
+class TrainBatches:
+    """The training batches, one fetched ahead (on a GPU its copy overlaps the step's compute).
+    `resume_state` is the loader's state before that pending batch: a resumed run draws it again."""
+
+    def __init__(self, loader: BatchLoader):
+        self.loader = loader
+        self._fetch()
+
+    def _fetch(self) -> None:
+        self.resume_state = self.loader.state_dict()
+        self.pending = self.loader.get_batch("train")
+
+    def __call__(self) -> Batch:
+        batch = self.pending
+        self._fetch()
+        return batch
 
 
 def dataset_dir(cfg: TrainConfig, env: DistEnv) -> Path:
-    """data_dir/dataset, prepared first (by rank 0) if it is a known dataset that is not there yet."""
-    from nanogpt.data.prepare import DATASETS, prepare_dataset
-
-    path = Path(cfg.data_dir) / cfg.dataset
-    if not (path / "meta.json").is_file() and cfg.dataset in DATASETS:
-        if env.master:
-            print(
-                f"{path} is not prepared: running `nanogpt prepare {cfg.dataset} --data_dir={cfg.data_dir}`"
-            )
-            prepare_dataset(cfg.dataset, data_dir=cfg.data_dir)
-        distributed.barrier(env)
-    return path
-
-
-def model_vocab_size(meta: dict) -> int:
-    """The dataset's vocabulary; GPT-2's 50257 padded up to 50304, a multiple of 64, as nanoGPT does (faster)."""
-    vocab_size = int(meta["vocab_size"])
-    return -(-vocab_size // 64) * 64 if meta["tokenizer"]["name"] == "gpt2" else vocab_size
-
-
-def init_model(cfg: TrainConfig, meta: dict, ckpt: dict | None) -> GPT:
-    """A new model (scratch), the checkpoint's (resume: its shapes win over cfg's) or GPT-2's (cropped to
-    cfg.block_size if that is shorter). Dropout always comes from cfg."""
-    if ckpt is not None:
-        print(f"resuming training from {cfg.out_dir} at iteration {ckpt['iter_num']}")
-        model = GPT(GPTConfig(**{**ckpt["model_args"], "dropout": cfg.dropout}))
-        model.load_state_dict(clean_state_dict(ckpt["model"]))
-    elif cfg.init_from == "scratch":
-        print("initializing a new model from scratch")
-        model_args = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, bias=cfg.bias)
-        model = GPT(
-            GPTConfig(
-                block_size=cfg.block_size,
-                vocab_size=model_vocab_size(meta),
-                dropout=cfg.dropout,
-                **model_args,
-            )
-        )
-    else:
-        print(f"initializing from OpenAI GPT-2 weights: {cfg.init_from}")
-        model = GPT.from_pretrained(cfg.init_from, dict(dropout=cfg.dropout))
-        if cfg.block_size < model.config.block_size:
-            model.crop_block_size(cfg.block_size)  # model surgery: a shorter context
-    if meta["vocab_size"] > model.config.vocab_size:
-        raise NanoGPTError(
-            f"the dataset's vocabulary ({meta['vocab_size']} tokens) does not fit the model's "
-            f"({model.config.vocab_size}): init_from={cfg.init_from!r} does not match dataset={cfg.dataset!r}"
-        )
-    return model
+    """data_dir/dataset, prepared first by rank 0 if it is a known dataset that is not there yet."""
+    if env.master:
+        ensure_prepared(cfg.dataset, cfg.data_dir)
+    distributed.barrier(env)
+    return Path(cfg.data_dir) / cfg.dataset
 
 
 @torch.no_grad()
@@ -392,30 +373,3 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # and every CUDA device's
-
-
-def _rng_state(device: str) -> dict[str, Any]:
-    """Python's, numpy's, torch's and CUDA's generator states as lists and tensors (weights_only-safe)."""
-    version, internal, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {
-        "python": [version, list(internal), gauss],
-        "numpy": [name, keys.tolist(), pos, has_gauss, cached],
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state(device) if device.startswith("cuda") else None,
-    }
-
-
-def _restore_rng(states: list[dict[str, Any]], env: DistEnv, device: str) -> None:
-    """Each rank continues its own generators; with another number of processes they stay freshly seeded."""
-    if len(states) != env.world_size:
-        print(f"checkpoint made by {len(states)} process(es), now {env.world_size}: dropout RNG is reseeded")
-        return
-    state = states[env.rank]
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and device.startswith("cuda"):
-        torch.cuda.set_rng_state(state["cuda"], device)

@@ -1,8 +1,9 @@
-"""Typed configs from dataclass defaults + a TOML file + `--key=value` overrides (nanoGPT's syntax, no exec).
+"""Command-line options: typed dataclass defaults + a TOML file + `--key=value` overrides (nanoGPT's
+syntax, no exec). The generic parser; what the options of training are is nanogpt/train/config.py.
 
 Every command (train, sample, eval, bench, experiment) describes its options as a dataclass and reads
-them with `parse_options` (or `read_argv` + `set_fields`); the dataclass is the one source of truth for
-names, types and defaults.
+them with `parse_options` (or `read_argv` + `set_fields`, or `split_options` for a command that also takes
+training options); the dataclass is the one source of truth for names, types and defaults.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import dataclasses
 import difflib
 import types
 import typing
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -87,15 +89,19 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+def did_you_mean(name: str, known: Iterable[str]) -> str:
+    """ " Did you mean a, b?" naming the known names closest to a mistyped one, or ""."""
+    close = difflib.get_close_matches(name, list(known), n=3)
+    return f" Did you mean {', '.join(close)}?" if close else ""
+
+
 def set_fields(cfg: C, values: dict[str, Any], where: str) -> C:
     """Return a copy of dataclass `cfg` with `values` applied, type-checked, naming `where` they came from."""
     types_ = _field_types(type(cfg))
     changes = {}
     for key, value in values.items():
         if key not in types_:
-            close = difflib.get_close_matches(key, types_, n=3)
-            hint = f" Did you mean {', '.join(close)}?" if close else ""
-            raise NanoGPTError(f"unknown config key {key!r} ({where}).{hint}")
+            raise NanoGPTError(f"unknown config key {key!r} ({where}).{did_you_mean(key, types_)}")
         try:
             changes[key] = _accepts(types_[key], value)
         except TypeError:
@@ -163,6 +169,19 @@ def read_argv(cls: type, argv: list[str], title: str) -> dict[str, Any] | None:
     if positionals:
         raise NanoGPTError(f"unexpected argument(s) {positionals}: options are written --key=value")
     return overrides
+
+
+def split_options(cls: type, overrides: dict[str, Any], other: type) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Overrides -> (those naming a field of dataclass `cls`, those naming a field of dataclass `other`,
+    e.g. TrainConfig for a command that trains); any other key is an error naming the closest of both."""
+    own, theirs = {f.name for f in dataclasses.fields(cls)}, {f.name for f in dataclasses.fields(other)}
+    for key in overrides.keys() - own - theirs:
+        raise NanoGPTError(
+            f"unknown option {key!r} (neither {cls.__name__} nor {other.__name__} has it).{did_you_mean(key, own | theirs)}"
+        )
+    return {k: v for k, v in overrides.items() if k in own}, {
+        k: v for k, v in overrides.items() if k not in own
+    }
 
 
 def parse_options(cls: type[C], argv: list[str], title: str) -> C | None:

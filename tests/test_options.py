@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from nanogpt.config import parse_overrides, read_toml, set_fields
 from nanogpt.errors import NanoGPTError
+from nanogpt.options import parse_overrides, read_toml, set_fields
 
 
 @dataclass

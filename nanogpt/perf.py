@@ -1,0 +1,76 @@
+"""What makes training and decoding fast on this machine, and how fast it is: glibc's allocator kept from
+unmapping freed memory (CPU), torch.compile's settings per device, and the measured matmul peak that MFU is
+reported against (on every device: the fraction of what this device actually does, not of a datasheet)."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import sys
+import time
+
+import torch
+
+from nanogpt.device import device_type, synchronize
+
+
+@functools.cache
+def keep_freed_memory(device: str) -> bool:
+    """On a CPU device, tell glibc's malloc to keep freed memory for reuse instead of handing it back
+    to the OS (GPU activations live in PyTorch's own caching allocator already).
+
+    By default, blocks above a threshold (128 KiB, raised adaptively up to 32 MiB) are mapped afresh
+    and trimmed back on free. A CPU training step frees and re-allocates megabytes of activations, so
+    each step can cost thousands of page faults: always for blocks over 32 MiB (a GPT-2-sized model's
+    activations), and for smaller ones as the adaptive threshold falls out on the machine (2,900 per
+    step for the shakespeare_char_cpu model on an AMD Zen 4, 7 with this: 10-20% of a bf16 step).
+    Returns whether it applied (Linux with glibc only; once per process)."""
+    if device_type(device) != "cpu" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # another C library (musl): leave it alone
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # from <malloc.h>
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30) and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
+
+
+def wants_compile(compile: bool | None, device: str) -> bool:
+    """Whether to torch.compile: as asked, else (None) on CUDA only. A CPU compile takes ~60 s cold (7 s
+    from inductor's cache) and pays back only over long runs."""
+    return compile if compile is not None else device_type(device) == "cuda"
+
+
+def compile_options(device: str) -> dict[str, bool]:
+    """Inductor options for torch.compile(..., options=...). On a CPU its C++ wrapper calls the generated
+    kernels without a Python frame each: the shakespeare_char_cpu training step ~10% faster
+    (benchmarks/bench_train.py). Untested on GPUs here, so they keep inductor's defaults."""
+    return {"cpp_wrapper": True} if device_type(device) == "cpu" else {}
+
+
+@functools.cache
+def matmul_peak_flops(device: str, dtype: torch.dtype, repeats: int = 10, max_seconds: float = 0.05) -> float:
+    """FLOP/s of the fastest of `repeats` square matmuls, large enough to reach the device's peak: what
+    MFU is measured against on this machine (once per process). The size doubles from 256 up to 8192 on
+    a GPU (2048 on a CPU), or until one matmul takes max_seconds: a dtype the device only emulates
+    (float16 on most CPUs, ~2 GFLOP/s) is measured in a second instead of minutes."""
+    largest = 8192 if device_type(device) == "cuda" else 2048
+    n = 256
+    while True:
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        a @ b  # warm up: library dispatch, thread pool, clocks
+        seconds = _time_matmul(a, b, device)
+        if n >= largest or seconds > max_seconds:
+            break
+        n *= 2
+    best = min(_time_matmul(a, b, device) for _ in range(repeats))
+    return 2 * n**3 / best
+
+
+def _time_matmul(a: torch.Tensor, b: torch.Tensor, device: str) -> float:
+    synchronize(device)
+    t0 = time.perf_counter()
+    a @ b
+    synchronize(device)
+    return time.perf_counter() - t0
