@@ -65,6 +65,21 @@ class BenchOptions:
             raise NanoGPTError("train_iters and repeats must be >= 1, warmup_iters and new_tokens >= 0")
 
 
+def bench_step(
+    model: torch.nn.Module, raw_model: GPT, cfg: TrainConfig, device: str, dtype: str
+) -> TrainStep:
+    """The optimizer step the trainer would take with `cfg` on one process (tested to match it)."""
+    optimizer = raw_model.configure_optimizers(
+        cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type(device)
+    )
+    scaler = new_scaler(device, dtype)
+    context = autocast(device, dtype)
+    params = list(raw_model.parameters())
+    return TrainStep(
+        model, model, params, optimizer, scaler, context, cfg.gradient_accumulation_steps, cfg.grad_clip
+    )
+
+
 def measure_training(
     model: torch.nn.Module,
     raw_model: GPT,
@@ -80,20 +95,7 @@ def measure_training(
     `model` is what runs the steps (raw_model, or it compiled)."""
     B, T, accum = cfg.batch_size, raw_model.config.block_size, cfg.gradient_accumulation_steps
     model.train()
-    optimizer = raw_model.configure_optimizers(
-        cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type(device)
-    )
-    scaler = new_scaler(device, dtype)
-    step = TrainStep(
-        model,
-        model,
-        list(raw_model.parameters()),
-        optimizer,
-        scaler,
-        autocast(device, dtype),
-        accum,
-        cfg.grad_clip,
-    )
+    step = bench_step(model, raw_model, cfg, device, dtype)
     x = torch.randint(raw_model.config.vocab_size, (B, T), device=device)
     y = torch.randint(raw_model.config.vocab_size, (B, T), device=device)
     times = []

@@ -18,7 +18,7 @@ import torch
 from nanogpt.checkpoint import load_for_inference, model_source
 from nanogpt.device import DtypeName, autocast, check_dtype, resolve_device, resolve_dtype
 from nanogpt.errors import NanoGPTError
-from nanogpt.generate import decode_stream, generate_stream
+from nanogpt.generate import Sampling, decode_stream, generate_stream
 from nanogpt.model import GPT
 from nanogpt.options import parse_options
 
@@ -88,9 +88,8 @@ def stream_text(
     """Yield one sample's new text piece by piece as its tokens are generated (never half a character)."""
     device = next(model.parameters()).device
     idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, T)
-    steps = generate_stream(
-        model, idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, generator=generator
-    )
+    sampling = Sampling(cfg.temperature, cfg.top_k, cfg.top_p)
+    steps = generate_stream(model, idx, cfg.max_new_tokens, sampling, generator=generator)
     yield from decode_stream(tokenizer, (int(t) for t in steps), tokenizer.eot if cfg.stop_at_eot else None)
 
 

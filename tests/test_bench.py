@@ -3,6 +3,7 @@ generation timer that the experiment runner and benchmarks/ share."""
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 
@@ -96,3 +97,31 @@ def test_cache_and_recompute_are_timed_in_alternation(monkeypatch):
     for row in rows:
         assert (row["tokens_per_sec_kv_cache"], row["tokens_per_sec_recompute"]) == (20.0, 2.0)
         assert row["kv_cache_speedup"] == 10.0
+
+
+def test_a_bench_step_is_the_trainers_step(data_dir, tmp_path):
+    """From the same weights and batches, the step `nanogpt bench` times and the trainer's step leave the
+    same parameters (same optimizer settings, accumulation, clipping and scaler)."""
+    from conftest import tiny_train_config
+
+    from nanogpt.bench import bench_step
+    from nanogpt.train.distributed import DistEnv
+    from nanogpt.train.trainer import Run
+
+    cfg = tiny_train_config(
+        data_dir, tmp_path / "run", gradient_accumulation_steps=2, grad_clip=0.5, max_iters=4
+    )
+    run = Run(cfg, DistEnv(), "cpu")
+    model, initial = copy.deepcopy(run.raw_model), copy.deepcopy(run.raw_model)
+    theirs = bench_step(model, model, cfg, "cpu", "float32")
+    batches = [run.loader.get_batch("train") for _ in range(4)]
+    for a in (0, 2):  # two steps of two micro-batches, the lr as the trainer sets it at iteration 0
+        for step in (run.step, theirs):
+            step.optimizer.param_groups[0]["lr"] = step.optimizer.param_groups[1]["lr"] = 1e-3
+            pending = iter(batches[a : a + 2])
+            step(lambda pending=pending: next(pending))
+    for (name, ours), (_, bench) in zip(
+        run.raw_model.named_parameters(), model.named_parameters(), strict=True
+    ):
+        torch.testing.assert_close(bench, ours, atol=0, rtol=0, msg=name)
+    assert not torch.equal(model.transformer.wte.weight, initial.transformer.wte.weight)  # they did step

@@ -12,7 +12,7 @@ from conftest import tiny_train_config
 
 from nanogpt import GPT, GPTConfig
 from nanogpt.checkpoint import load_checkpoint
-from nanogpt.generate import CUDAGraphStep, generate, new_kv_cache
+from nanogpt.generate import CUDAGraphStep, Sampling, generate, new_kv_cache
 from nanogpt.options import set_fields
 from nanogpt.train.metrics import read_metrics
 from nanogpt.train.trainer import train
@@ -84,7 +84,7 @@ def test_cuda_generate_with_cache_equals_recompute(batch):
     for use_cache in (True, False):
         gen = torch.Generator(device="cuda").manual_seed(7)
         outs.append(
-            generate(model, prompt, 50, temperature=1.0, top_k=20, use_cache=use_cache, generator=gen)
+            generate(model, prompt, 50, sampling=Sampling(1.0, top_k=20), use_cache=use_cache, generator=gen)
         )
     assert outs[0].shape == (batch, 55) and torch.equal(outs[0], outs[1])
 

@@ -8,7 +8,7 @@ import torch
 
 from nanogpt import GPT, GPTConfig
 from nanogpt.errors import NanoGPTError
-from nanogpt.generate import StaticKVCache, generate, one_position_kernels
+from nanogpt.generate import Sampling, StaticKVCache, generate, one_position_kernels
 
 TINY = dict(block_size=16, vocab_size=65, n_layer=2, n_head=2, n_embd=32)
 
@@ -51,9 +51,8 @@ def test_engine_equals_the_reference_loop(batch, sampling):
         prompt, 40, use_cache=False, generator=torch.Generator().manual_seed(1), **sampling
     )
     for use_cache in (True, False):
-        ours = generate(
-            model, prompt, 40, use_cache=use_cache, generator=torch.Generator().manual_seed(1), **sampling
-        )
+        gen = torch.Generator().manual_seed(1)
+        ours = generate(model, prompt, 40, sampling=Sampling(**sampling), use_cache=use_cache, generator=gen)
         assert torch.equal(ours, reference)
 
 
@@ -61,7 +60,7 @@ def test_engine_with_a_prompt_longer_than_block_size():
     model = tiny_model().double()
     prompt = torch.randint(0, 65, (2, 30))
     assert torch.equal(
-        generate(model, prompt, 5, temperature=0.0),
+        generate(model, prompt, 5, sampling=Sampling(temperature=0.0)),
         model.generate(prompt, 5, temperature=0.0, use_cache=False),
     )
 
@@ -93,7 +92,8 @@ def test_bad_generate_arguments_are_named(args, message):
     """The API checks what the CLI checks, so a library user or a server gets the same one-line error."""
     model = tiny_model()
     call = dict(idx=torch.zeros(1, 3, dtype=torch.long), max_new_tokens=2) | args
-    for run in (model.generate, lambda **kw: generate(model, **kw)):
+    engine = lambda idx, max_new_tokens, **kw: generate(model, idx, max_new_tokens, sampling=Sampling(**kw))
+    for run in (model.generate, engine):
         with pytest.raises(NanoGPTError, match=message.replace("(", r"\(").replace(")", r"\)")):
             run(**call)
 
