@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
 import zipfile
 from pathlib import Path
 
@@ -12,7 +14,8 @@ import pytest
 from nanogpt import cli
 from nanogpt.data import sources
 from nanogpt.data.loader import load_split, read_meta
-from nanogpt.data.prepare import DATASETS, prepare_dataset, split_bounds
+from nanogpt.data.prepare import DATASETS, prepare_dataset
+from nanogpt.data.splits import split_bounds
 from nanogpt.data.tokenizers import CharTokenizer, GPT2Tokenizer, tokenizer_from_meta
 from nanogpt.errors import NanoGPTError
 
@@ -73,10 +76,15 @@ def test_rerun_is_a_no_op_and_a_changed_source_is_prepared_again(tmp_path, capsy
     assert read_meta(out)["tokenizer"] == {"name": "byte"}
 
 
-def test_interrupted_prepare_leaves_nothing_that_looks_valid(tmp_path, monkeypatch):
+def _folder_hash(folder: Path) -> dict[str, str]:
+    return {p.name: sources.file_sha256(p) for p in sorted(folder.iterdir())}
+
+
+def test_interrupted_re_prepare_keeps_the_old_dataset(tmp_path, monkeypatch):
     source = tmp_path / "a.txt"
     source.write_text("abcdefghij" * 100)
-    out = prepare_dataset("a", source=source, data_dir=tmp_path, tokenizer="char")
+    out = prepare_dataset("a", source=source, data_dir=tmp_path / "data", tokenizer="char")
+    before = _folder_hash(out)
     source.write_text("klmnopqrst" * 100)
     calls = []
 
@@ -89,10 +97,86 @@ def test_interrupted_prepare_leaves_nothing_that_looks_valid(tmp_path, monkeypat
     original = CharTokenizer.encode_array
     monkeypatch.setattr(CharTokenizer, "encode_array", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        prepare_dataset("a", source=source, data_dir=tmp_path, tokenizer="char")
-    assert sorted(p.name for p in out.iterdir()) == ["train.bin", "val.bin"]  # old bins, no meta, no temps
-    with pytest.raises(NanoGPTError, match=r"no prepared data in .*: run `nanogpt prepare a`"):
-        read_meta(out)
+        prepare_dataset("a", source=source, data_dir=tmp_path / "data", tokenizer="char")
+    assert _folder_hash(out) == before  # the old dataset, whole
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["a"]  # no temporary folder left
+    assert (
+        tokenizer_from_meta(read_meta(out)["tokenizer"]).decode(load_split(out, "val")) == "abcdefghij" * 10
+    )
+
+
+def test_failed_re_prepare_via_the_cli_changes_nothing(tmp_path, capsys):
+    """Issue 13 item 8: `prepare text8 --source A` then `--source B` with B invalid kept nothing of A."""
+    good = _zip(tmp_path / "a.zip", "text8", b"the quick brown fox " * 100)
+    bad = _zip(tmp_path / "b.zip", "text8", b"the quick brown fox " * 50 + "caf\xe9".encode("latin-1"))
+    data = ["--data_dir", str(tmp_path / "data")]
+    assert cli.main(["prepare", "text8", "--source", str(good), *data]) == 0
+    before = _folder_hash(tmp_path / "data" / "text8")
+    assert cli.main(["prepare", "text8", "--source", str(bad), *data]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "b.zip is not UTF-8 text: byte b'\\xe9' at offset 1003" in err, err
+    assert _folder_hash(tmp_path / "data" / "text8") == before
+    # a file of your own in the dataset folder survives a re-prepare
+    (tmp_path / "data" / "text8" / "notes.md").write_text("mine")
+    assert cli.main(["prepare", "text8", "--source", str(good), "--val_fraction", "0.1", *data]) == 0
+    assert (tmp_path / "data" / "text8" / "notes.md").read_text() == "mine"
+
+
+@pytest.fixture
+def tiny_fs(tmp_path):
+    """A 200 KiB tmpfs (mounting needs root), unmounted after the test."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if (
+        os.geteuid() != 0
+        or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200k", "tmpfs", str(mount)]).returncode
+    ):
+        pytest.skip(
+            "mounting a small tmpfs needs root (and a system that allows mounts): disk-full not tested"
+        )
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def test_disk_full_and_read_only_keep_the_old_dataset(tmp_path, tiny_fs, capsys):
+    """Issue 13 item 10: one clear line, exit 1, the old dataset unchanged."""
+    small = tmp_path / "small.txt"
+    small.write_text("to be or not to be\n" * 1000)  # 19 KB: 38 KB of uint16 tokens fit
+    big = tmp_path / "big.txt"
+    big.write_text("that is the question\n" * 20_000)  # 420 KB: 840 KB of tokens do not
+    prepare = ["prepare", "mine", "--tokenizer", "char", "--data_dir", str(tiny_fs)]
+    assert cli.main([*prepare, "--source", str(small)]) == 0
+    before = _folder_hash(tiny_fs / "mine")
+    assert cli.main([*prepare, "--source", str(big)]) == 1
+    err = capsys.readouterr().err
+    assert re.fullmatch(r"nanogpt prepare: error: no space left on device while writing \S+\n", err), err
+    assert _folder_hash(tiny_fs / "mine") == before
+    assert sorted(p.name for p in tiny_fs.iterdir()) == ["mine"]
+    subprocess.run(["mount", "-o", "remount,ro", str(tiny_fs)], check=True)
+    assert cli.main([*prepare, "--source", str(tmp_path / "small.txt"), "--val_fraction", "0.2"]) == 1
+    err = capsys.readouterr().err
+    assert err == f"nanogpt prepare: error: cannot write to {tiny_fs}: read-only file system\n", err
+    assert _folder_hash(tiny_fs / "mine") == before
+
+
+def test_data_dir_that_is_a_file(tmp_path, capsys):
+    (tmp_path / "data").write_text("not a folder")
+    source = tmp_path / "a.txt"
+    source.write_text("hello world\n" * 10)
+    argv = [
+        "prepare",
+        "a",
+        "--source",
+        str(source),
+        "--tokenizer",
+        "char",
+        "--data_dir",
+        str(tmp_path / "data"),
+    ]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.endswith(f"{tmp_path / 'data'} is a file, not a folder\n") and err.count("\n") == 1, err
+    assert (tmp_path / "data").read_text() == "not a folder"
 
 
 def test_enwik8_from_a_local_zip_splits_bytes_90_5_5(tmp_path):
@@ -143,23 +227,33 @@ def test_text8_fixed_alphabet_and_unknown_character(tmp_path):
         prepare_dataset("text8", source=bad, data_dir=tmp_path / "other")
 
 
-def test_folder_and_glob_sources_with_bpe(tmp_path):
+def test_folder_split_by_documents_with_eot_between_them(tmp_path):
     folder = tmp_path / "docs"
     (folder / "sub").mkdir(parents=True)
-    (folder / "b.txt").write_text("Second file.\n")
-    (folder / "sub" / "c.md").write_text("Third, in a sub folder.\n")
-    (folder / "a.txt").write_text("First file: Hello world\n" * 20)
+    texts = {
+        "a.txt": "First file: Hello world\n" * 20,
+        "b.txt": "Second file.\n",
+        "sub/c.md": "Third, sub folder.\n",
+    }
+    texts |= {f"d{i}.txt": f"Document {i}, more text.\n" * (i + 1) for i in range(8)}
+    for name, text in texts.items():
+        (folder / name).write_text(text)
     (folder / ".hidden").write_text("never read")
     tok = GPT2Tokenizer()
-    text = "First file: Hello world\n" * 20 + "Second file.\n" + "Third, in a sub folder.\n"
     out = prepare_dataset(
-        "docs", source=folder, data_dir=tmp_path / "data", tokenizer="gpt2", val_fraction=0.25
+        "docs", source=folder, data_dir=tmp_path / "data", tokenizer="gpt2", val_fraction=0.2
     )
-    n_train = int(len(text) * 0.75)
-    assert load_split(out, "train").tolist() == tok.encode(text[:n_train])
-    assert load_split(out, "val").tolist() == tok.encode(text[n_train:])
+    meta = read_meta(out)
+    assert meta["split"]["unit"] == "documents" and sum(meta["split"]["documents"].values()) == len(texts)
+    for split in ("train", "val"):
+        documents = _documents_of(np.append(np.asarray(load_split(out, split)), tok.eot), tok.eot)
+        assert len(documents) == meta["split"]["documents"][split]
+        for doc in documents:  # each document whole, in one split, in name order, one eot between
+            assert doc[:-1] in [tok.encode(text) for text in texts.values()]
+    assert 0.1 < meta["val_tokens"] / (meta["train_tokens"] + meta["val_tokens"]) < 0.4
     out = prepare_dataset("globbed", source=folder / "*.txt", data_dir=tmp_path / "data", tokenizer="char")
-    assert read_meta(out)["source"] == [str(folder / "a.txt"), str(folder / "b.txt")]
+    assert read_meta(out)["source"] == [str(folder / n) for n in sorted(texts) if "/" not in n]
+    assert read_meta(out)["eot"] is None
 
 
 def test_canonical_source_is_checked_and_download_is_cached(tmp_path, monkeypatch):
@@ -193,13 +287,40 @@ def test_canonical_source_is_checked_and_download_is_cached(tmp_path, monkeypatc
             "source '.*missing.txt' not found",
         ),
         (["mine", "--source", "{tmp}/empty.txt", "--tokenizer", "char"], "source '.*empty.txt' is empty"),
-        (["mine", "--source", "{tmp}/empty_dir", "--tokenizer", "char"], "is empty"),
+        (
+            ["mine", "--source", "{tmp}/empty_dir", "--tokenizer", "char"],
+            "source folder '.*empty_dir' holds no",
+        ),
+        (
+            ["mine", "--source", "{tmp}/*.nothing", "--tokenizer", "char"],
+            r"source '.*\*.nothing' matched no files",
+        ),
+        (
+            ["mine", "--source", "{tmp}/latin1.txt", "--tokenizer", "char", "--val_fraction", "0"],
+            "val_fraction must be above 0: it is the share of the text held out for val, got 0.0",
+        ),
+        (
+            ["mine", "--source", "{tmp}/latin1.txt", "--tokenizer", "bpe"],
+            "--tokenizer bpe needs --vocab_size N",
+        ),
+        (
+            ["mine", "--source", "{tmp}/latin1.txt", "--tokenizer", "char", "--vocab_size", "9"],
+            "options of --tokenizer bpe",
+        ),
+        (
+            ["mine", "--source", "{tmp}/latin1.txt", "--tokenizer", "bpe", "--vocab_size", "9"],
+            "vocab_size 9 is too small",
+        ),
         (
             ["mine", "--source", "{tmp}/latin1.txt", "--tokenizer", "gpt2"],
             r"latin1.txt is not UTF-8 text: byte b'\\xe9' at offset 10 \(line 2, column 4\)",
         ),
         (["mine", "--source", "{tmp}/latin1.txt"], "your own dataset 'mine' needs --tokenizer"),
-        (["shakespeare_char", "--val_fraction", "1.5"], "val_fraction must leave room for train"),
+        (
+            ["shakespeare_char", "--val_fraction", "1.5"],
+            "val_fraction 1.5 leaves no text for train: val take",
+        ),
+        (["enwik8", "--val_fraction", "0.5"], "so it must be below 0.5"),
         (["openwebtext", "--source", "{tmp}/latin1.txt", "--tokenizer", "char"], "it needs --tokenizer gpt2"),
     ],
 )
@@ -212,6 +333,7 @@ def test_bad_input_is_a_clear_error_and_exit_1(tmp_path, capsys, args, message):
     err = capsys.readouterr().err
     assert err.startswith("nanogpt prepare: error: ")
     assert re.search(message, err), err
+    assert err.count("\n") == 1, err  # one line, no traceback
     assert not (tmp_path / "data" / "mine" / "meta.json").exists()
 
 

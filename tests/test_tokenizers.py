@@ -130,9 +130,10 @@ def test_decode_rejects_ids_outside_the_vocabulary():
 
 
 def test_get_tokenizer_errors():
-    with pytest.raises(NanoGPTError, match="needs a vocabulary"):
-        get_tokenizer("char")
-    with pytest.raises(NanoGPTError, match="unknown tokenizer 'sentencepiece'; known: char, gpt2, byte"):
+    for name in ("char", "bpe"):
+        with pytest.raises(NanoGPTError, match=f"the {name} tokenizer is built from a corpus"):
+            get_tokenizer(name)
+    with pytest.raises(NanoGPTError, match="unknown tokenizer 'sentencepiece'; known: char, gpt2, byte, bpe"):
         get_tokenizer("sentencepiece")
     with pytest.raises(NanoGPTError, match="unknown tokenizer"):
         tokenizer_from_meta({"name": "nope"})

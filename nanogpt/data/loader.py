@@ -19,23 +19,39 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nanogpt.data.sources import file_sha256
 from nanogpt.errors import NanoGPTError
 
 
 def read_meta(dataset_dir: str | Path) -> dict:
-    """meta.json of a prepared dataset folder."""
+    """meta.json of a prepared dataset folder. A trained BPE's file (meta["tokenizer"]["file"]) is read in
+    and checked against its sha256, so meta["tokenizer"] is always a self-contained tokenizer_from_meta input
+    (the very dict a checkpoint stores)."""
     path = Path(dataset_dir) / "meta.json"
     if not path.is_file():
         raise NanoGPTError(
             f"no prepared data in {dataset_dir}: run `nanogpt prepare {Path(dataset_dir).name}`"
         )
+    meta = _read_json(path)
+    file = meta.get("tokenizer", {}).get("file")
+    if file is not None:
+        tokenizer = Path(dataset_dir) / file
+        if not tokenizer.is_file() or file_sha256(tokenizer) != meta["tokenizer"].get("sha256"):
+            raise NanoGPTError(
+                f"{tokenizer} is missing or not the file meta.json names: run `nanogpt prepare` again"
+            )
+        meta["tokenizer"] = _read_json(tokenizer)
+    return meta
+
+
+def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise NanoGPTError(f"{path} is not valid JSON ({e}): run `nanogpt prepare` again") from None
 
 
-def _split_path(dataset_dir: Path, meta: dict, split: str) -> tuple[Path, int]:
+def split_path(dataset_dir: Path, meta: dict, split: str) -> tuple[Path, int]:
     """The split's .bin and its token count, checked against meta.json."""
     if f"{split}_tokens" not in meta:
         known = [key.removesuffix("_tokens") for key in meta if key.endswith("_tokens")]
@@ -54,7 +70,7 @@ def load_split(dataset_dir: str | Path, split: str) -> np.memmap:
     """
     dataset_dir = Path(dataset_dir)
     meta = read_meta(dataset_dir)
-    path, _ = _split_path(dataset_dir, meta, split)
+    path, _ = split_path(dataset_dir, meta, split)
     return np.memmap(path, dtype=meta["dtype"], mode="r")
 
 
@@ -108,7 +124,7 @@ class BatchLoader:
 
     def _file(self, split: str) -> tuple[str, int]:
         if split not in self._files:
-            path, length = _split_path(self.dataset_dir, self.meta, split)
+            path, length = split_path(self.dataset_dir, self.meta, split)
             if length < self.block_size + 1:
                 raise NanoGPTError(
                     f"the {split} split of {self.dataset_dir} has {length} tokens, fewer than "

@@ -1,17 +1,24 @@
 """`nanogpt prepare NAME`: raw text -> DATA_DIR/NAME/{train,val[,test]}.bin + meta.json.
 
-The bins are flat arrays of token ids (uint16 when the vocabulary fits, else uint32) that the loader
-memory-maps. Every file is written under a temporary name and renamed into place, meta.json last: a folder
-without meta.json is never valid, so an interrupted prepare leaves nothing that looks prepared. Re-running
-on an unchanged source (same sha256, tokenizer and split) is a no-op.
+The bins are flat arrays of token ids (uint16 when the vocabulary fits, else uint32: meta.json's "dtype")
+that the loader memory-maps. The corpus is streamed, never read whole: a first pass checks it is UTF-8 and
+counts it (and trains the BPE tokenizer on the train split, for --tokenizer bpe), then pieces of about a
+million characters, cut where BPE cuts anyway, are encoded by a pool of --num_proc processes and appended
+to the bins in order. Everything is written into a temporary folder beside DATA_DIR/NAME, which replaces
+it only once complete: a failed, full-disk or interrupted prepare leaves the old dataset as it was.
+Re-running on an unchanged source (same sha256, tokenizer, options and split) is a no-op.
 """
 
 from __future__ import annotations
 
 import argparse
-import bisect
+import contextlib
+import errno
 import json
 import os
+import shutil
+import tempfile
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,31 +26,40 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from nanogpt.data import bpe, splits
+from nanogpt.data.parallel import encode_in_order
 from nanogpt.data.sources import (
     ENWIK8,
     TEXT8,
     TINY_SHAKESPEARE,
     RawSource,
-    decode_utf8,
     fetch,
-    read_bytes,
+    file_sha256,
+    read_blocks,
+    read_text,
     source_files,
+    source_size,
     sources_sha256,
 )
+from nanogpt.data.splits import Segment
 from nanogpt.data.tokenizers import (
+    PATTERNS,
     TOKENIZERS,
     CharTokenizer,
     Tokenizer,
     UnknownCharacterError,
+    cut_stream,
     get_tokenizer,
-    safe_pieces,
     token_dtype,
 )
 from nanogpt.errors import NanoGPTError
 from nanogpt.files import write_text_atomic
 
 FORMAT = 1  # meta.json's layout version; a prepared folder of another version is prepared again
-_PIECE = 1 << 23  # characters (or bytes) encoded per step: bounds memory and paces the progress bar
+_PIECE = 1 << 20  # characters (or bytes) per piece a worker encodes: bounds memory, paces the progress bar
+_REPORT_SAMPLE = 1 << 20  # characters of val on which the BPE report counts tokens per byte
+BPE_FILE = "bpe_tokenizer.json"  # a trained BPE, beside the bins (nanogpt/data/bpe.py: its format)
+OWN_FILES = {"meta.json", BPE_FILE, "train.bin", "val.bin", "test.bin"}  # what a re-prepare replaces
 
 
 @dataclass(frozen=True)
@@ -103,39 +119,42 @@ def _spec(name: str, source: str | Path | None, tokenizer: str | None) -> Datase
     if source is None:
         raise NanoGPTError(
             f"unknown dataset {name!r}; known: {', '.join(DATASETS)} "
-            "(or name your own and give --source PATH --tokenizer char|gpt2|byte)"
+            f"(or name your own and give --source PATH --tokenizer {'|'.join(TOKENIZERS)})"
         )
     if tokenizer is None:
         raise NanoGPTError(f"your own dataset {name!r} needs --tokenizer ({'|'.join(TOKENIZERS)})")
     return DatasetSpec(f"text from {source}", tokenizer, 0.1)
 
 
-def split_bounds(n: int, splits: tuple[str, ...], val_fraction: float) -> dict[str, tuple[int, int]]:
-    """[start, end) of each split: train first (nanoGPT's int(n * 0.9)), then val_fraction of n each."""
-    n_train, held = int(n * (1 - val_fraction * (len(splits) - 1))), int(n * val_fraction)
-    edges = [0, n_train] + [n_train + held * i for i in range(1, len(splits) - 1)] + [n]
-    bounds = {split: (edges[i], edges[i + 1]) for i, split in enumerate(splits)}
-    for split, (start, end) in bounds.items():
-        if end <= start:
-            raise NanoGPTError(
-                f"the {split} split would be empty: {n} units with val_fraction {val_fraction}"
-            )
-    return bounds
+def _check_val_fraction(val_fraction: float, names: tuple[str, ...]) -> None:
+    held = ", ".join(names[1:])
+    if not val_fraction > 0:
+        raise NanoGPTError(
+            f"val_fraction must be above 0: it is the share of the text held out for {held}, got {val_fraction}"
+        )
+    if val_fraction * (len(names) - 1) >= 1:
+        raise NanoGPTError(
+            f"val_fraction {val_fraction} leaves no text for train: {held} take {val_fraction} each, "
+            f"so it must be below {1 / (len(names) - 1):g}"
+        )
 
 
-def _split_rule(splits: tuple[str, ...], val_fraction: float, unit: str) -> str:
-    train = 1 - val_fraction * (len(splits) - 1)
-    held = [f"{'last' if s == splits[-1] else 'next'} {val_fraction:.4%} {s}" for s in splits[1:]]
-    return f"first {train:.4%} {splits[0]}, {', '.join(held)} (by {unit})".replace(".0000%", "%")
+def _tokenizer_options(tokenizer: str, vocab_size: int | None, pattern: str | None) -> dict:
+    """What else defines the tokenizer: a BPE's vocabulary size and split pattern; {} for the others."""
+    if tokenizer != "bpe":
+        if vocab_size is not None or pattern is not None:
+            raise NanoGPTError("--vocab_size and --pattern are options of --tokenizer bpe")
+        return {}
+    if vocab_size is None:
+        raise NanoGPTError("--tokenizer bpe needs --vocab_size N (the tokens it learns, e.g. 4096)")
+    bpe.check_vocab_size(vocab_size)
+    if (pattern or "gpt4") not in PATTERNS:
+        raise NanoGPTError(f"unknown --pattern {pattern!r}; known: {', '.join(PATTERNS)}")
+    return {"vocab_size": int(vocab_size), "pattern": pattern or "gpt4"}
 
 
 def _meta_header(
-    name: str,
-    source: list[str] | str,
-    sha256: str,
-    tokenizer: str,
-    val_fraction: float,
-    splits: tuple[str, ...],
+    name: str, source: list[str] | str, sha256: str, tokenizer: str, options: dict, split: dict
 ) -> dict:
     """The start of meta.json: everything known before tokenizing, including what `_identity` compares."""
     return {
@@ -144,128 +163,284 @@ def _meta_header(
         "source": source,
         "source_sha256": sha256,
         "tokenizer": {"name": tokenizer},
-        "split": {"val_fraction": val_fraction, "names": list(splits)},
+        "tokenizer_options": options,
+        "split": split,
     }
 
 
 def _identity(meta: dict) -> tuple:
     """What decides whether a prepared folder is up to date."""
+    split = meta.get("split", {})
     return (
         meta.get("format"),
         meta.get("source_sha256"),
         meta.get("tokenizer", {}).get("name"),
-        meta.get("split", {}).get("val_fraction"),
+        meta.get("tokenizer_options", {}),
+        split.get("val_fraction"),
+        split.get("unit"),
     )
 
 
 def _up_to_date(out: Path, wanted: dict) -> bool:
+    from nanogpt.data.loader import read_meta, split_path
+
     try:
-        meta = json.loads((out / "meta.json").read_text())
-        itemsize = np.dtype(meta["dtype"]).itemsize
-        sizes_ok = all(
-            (out / f"{split}.bin").stat().st_size == meta[f"{split}_tokens"] * itemsize
-            for split in meta["split"]["names"]
-        )
-    except (OSError, ValueError, KeyError, TypeError):
+        meta = read_meta(out)  # loads (and checks) a BPE tokenizer's file too
+        for split in meta["split"]["names"]:
+            split_path(out, meta, split)
+    except (NanoGPTError, OSError, KeyError, TypeError):
         return False
-    return sizes_ok and _identity(meta) == _identity(wanted)
+    return _identity(meta) == _identity(wanted)
 
 
-def _write_bins(out: Path, streams: dict[str, Iterable[np.ndarray]], dtype: np.dtype) -> dict[str, int]:
-    """Stream each split's token arrays to SPLIT.bin through a temporary name; the token count of each."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "meta.json").unlink(missing_ok=True)  # the folder is invalid until the new meta.json lands
-    tmps = {split: out / f".{split}.bin.{os.getpid()}.tmp" for split in streams}
-    counts = dict.fromkeys(streams, 0)
+@contextlib.contextmanager
+def _fs_errors(where: Path) -> Iterator[None]:
+    """A fault while writing `where` as one line (sources are read through sources.read_blocks, whose
+    faults say so themselves)."""
     try:
-        for split, stream in streams.items():
-            with open(tmps[split], "wb") as f:
-                for tokens in stream:
-                    tokens.astype(dtype, copy=False).tofile(f)
-                    counts[split] += len(tokens)
-        for split, tmp in tmps.items():
-            os.replace(tmp, out / f"{split}.bin")
+        yield
+    except OSError as e:
+        reasons = {
+            errno.ENOSPC: f"no space left on device while writing {where}",
+            errno.EDQUOT: f"disk quota exceeded while writing {where}",
+            errno.EROFS: f"cannot write to {where}: read-only file system",
+            errno.EACCES: f"cannot write to {where}: permission denied",
+            errno.EPERM: f"cannot write to {where}: permission denied",
+        }
+        if e.errno not in reasons:
+            raise
+        raise NanoGPTError(reasons[e.errno]) from None
+
+
+def _replace_folder(new: Path, out: Path) -> None:
+    """Put the complete dataset `new` where `out` is. Files of your own in the old folder move to the new one."""
+    if not out.exists():
+        os.rename(new, out)
+        return
+    for entry in out.iterdir():
+        if entry.name not in OWN_FILES:
+            os.rename(entry, new / entry.name)
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    shutil.rmtree(old, ignore_errors=True)
+    os.rename(out, old)  # from here to the next line (microseconds) there is no DATA_DIR/NAME
+    os.rename(new, out)
+    shutil.rmtree(old)
+
+
+@contextlib.contextmanager
+def _staged(out: Path) -> Iterator[Path]:
+    """A temporary folder beside `out` to write the new dataset into; on success it replaces `out`, on
+    any error or interrupt it is deleted and `out` is untouched."""
+    for path in (out.parent, out):
+        if path.exists() and not path.is_dir():
+            raise NanoGPTError(f"cannot write the dataset to {out}: {path} is a file, not a folder")
+    with _fs_errors(out.parent):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.new-", dir=out.parent))
+    try:
+        with _fs_errors(out):
+            yield tmp
+        with _fs_errors(out):
+            _replace_folder(tmp, out)
     finally:
-        for tmp in tmps.values():
-            tmp.unlink(missing_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_tokens(
+    folder: Path, names: tuple[str, ...], items: Iterable[tuple[str, np.ndarray]], dtype
+) -> dict:
+    """Append each (split, ids) to folder/SPLIT.bin as `dtype`; the token count of each split."""
+    counts = dict.fromkeys(names, 0)
+    with contextlib.ExitStack() as stack:
+        files = {split: stack.enter_context(open(folder / f"{split}.bin", "wb")) for split in names}
+        for split, ids in items:
+            files[split].write(np.ascontiguousarray(ids, dtype=dtype).data)
+            counts[split] += len(ids)
     return counts
 
 
-def _finish(out: Path, meta: dict, tok: Tokenizer, counts: dict[str, int]) -> Path:
+def _finish(folder: Path, meta: dict, tok: Tokenizer, counts: dict[str, int]) -> dict:
+    """meta.json (and a BPE's tokenizer file) into the staged folder."""
+    tokenizer = tok.to_meta()
+    if tok.name == "bpe":
+        bpe.save_bpe(tok, folder / BPE_FILE)
+        tokenizer = {"name": "bpe", "file": BPE_FILE, "sha256": file_sha256(folder / BPE_FILE)}
     meta |= {
-        "tokenizer": tok.to_meta(),
+        "tokenizer": tokenizer,
         "vocab_size": tok.vocab_size,
         "eot": tok.eot,
         "dtype": token_dtype(tok.vocab_size).name,
     }
     meta |= {f"{split}_tokens": n for split, n in counts.items()}
-    write_text_atomic(out / "meta.json", json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
-    tokens = ", ".join(f"{split} {n:,}" for split, n in counts.items())
-    print(f"{meta['dataset']}: {tokens} tokens (vocab {tok.vocab_size}, {meta['dtype']}) -> {out}")
+    write_text_atomic(folder / "meta.json", json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+    return meta
+
+
+def _announce(meta: dict, out: Path) -> Path:
+    tokens = ", ".join(f"{split} {meta[f'{split}_tokens']:,}" for split in meta["split"]["names"])
+    print(f"{meta['dataset']}: {tokens} tokens (vocab {meta['vocab_size']}, {meta['dtype']}) -> {out}")
     return out
 
 
-def _read_corpus(files: list[Path], tokenizer: str) -> tuple[str | bytes, list[int]]:
-    """The files joined, and where each starts. The byte tokenizer keeps raw bytes: enwik8's standard
-    split is by bytes, even where it cuts a multi-byte character."""
-    if tokenizer == "byte":
-        parts: list = [read_bytes(p) for p in files]
-        corpus: str | bytes = b"".join(parts)
+# --- text files: plan the splits, build the tokenizer, encode in parallel ---
+
+
+@dataclass(frozen=True)
+class _Corpus:
+    files: list[Path]
+    segments: list[Segment]  # in tokenizing order: train, then val (then test)
+    unit: str  # what the split counts: "characters", "bytes" or "documents"
+    n_bytes: int
+    chars: str  # the sorted distinct characters ("" for the byte tokenizer)
+
+
+def _scan(path: Path) -> tuple[int, set[str]]:
+    """(characters, distinct characters) of a text file: one streamed pass, which also checks it is UTF-8."""
+    n, seen = 0, set()
+    for text in read_text(path):
+        n += len(text)
+        seen.update(text)
+    return n, seen
+
+
+def _char_offset_to_byte(path: Path, index: int) -> int:
+    position = n = 0
+    for text in read_text(path):
+        if n + len(text) >= index:
+            return position + len(text[: index - n].encode("utf-8"))
+        n, position = n + len(text), position + len(text.encode("utf-8"))
+    return position
+
+
+def _plan(files: list[Path], tokenizer: str, names: tuple[str, ...], val_fraction: float) -> _Corpus:
+    sizes = [source_size(p) for p in files]
+    scans = [] if tokenizer == "byte" else [_scan(p) for p in files]
+    chars = "".join(sorted(set().union(*(seen for _, seen in scans))))
+    if len(files) > 1:
+        segments, unit = splits.plan_by_documents(files, sizes, names, val_fraction), "documents"
+    elif tokenizer == "byte":
+        segments, unit = (
+            splits.plan_by_position(files[0], splits.split_bounds(sizes[0], names, val_fraction)),
+            "bytes",
+        )
     else:
-        parts = [decode_utf8(read_bytes(p), p) for p in files]
-        corpus = "".join(parts)
-    return corpus, np.cumsum([0] + [len(p) for p in parts[:-1]]).tolist()
+        bounds = splits.split_bounds(scans[0][0], names, val_fraction)
+        in_bytes = {s: tuple(_char_offset_to_byte(files[0], i) for i in b) for s, b in bounds.items()}
+        segments, unit = splits.plan_by_position(files[0], in_bytes), "characters"
+    return _Corpus(files, segments, unit, sum(sizes), chars)
 
 
-def _encode_split(
-    tok: Tokenizer,
-    corpus: str | bytes,
-    bounds: tuple[int, int],
-    bar: tqdm,
-    files: list[Path],
-    starts: list[int],
-) -> Iterator[np.ndarray]:
-    start, end = bounds
-    for offset, piece in safe_pieces(corpus[start:end], _PIECE):
-        try:
-            yield tok.encode_array(piece)
-        except UnknownCharacterError as e:
-            position = start + offset + e.position
-            i = bisect.bisect_right(starts, position) - 1
-            raise UnknownCharacterError(e.char, position - starts[i], e.vocab_size, str(files[i])) from None
-        bar.update(len(piece))
+def _pieces(segments: list[Segment], tokenizer: str) -> Iterator[tuple[tuple[str, bool, int], str | bytes]]:
+    """((split, first piece of its document, bytes), piece) for every piece of the segments, in order."""
+    for seg in segments:
+        raw = tokenizer == "byte"
+        chunks = read_blocks(seg.path, seg.start, seg.end) if raw else read_text(seg.path, seg.start, seg.end)
+        for i, piece in enumerate(cut_stream(chunks, _PIECE, anywhere=tokenizer in ("char", "byte"))):
+            yield (seg.split, i == 0, len(piece) if raw else len(piece.encode("utf-8"))), piece
+
+
+def _check_alphabet(corpus: _Corpus, alphabet: str) -> None:
+    """Name the first character of the corpus outside a fixed alphabet, and where it is."""
+    if not set(corpus.chars) - set(alphabet):
+        return
+    tok = CharTokenizer(alphabet)
+    for path in corpus.files:
+        n = 0
+        for text in read_text(path):
+            try:
+                tok.encode_array(text)
+            except UnknownCharacterError as e:
+                raise UnknownCharacterError(e.char, n + e.position, e.vocab_size, str(path)) from None
+            n += len(text)
+
+
+def _train_bpe(corpus: _Corpus, options: dict, num_proc: int) -> tuple[Tokenizer, dict]:
+    """A BPE trained on the train split, and its report (tokens per byte on val against GPT-2 and characters)."""
+    train = [seg for seg in corpus.segments if seg.split == "train"]
+    total = sum(seg.end - seg.start for seg in train)
+    start = time.perf_counter()
+    with tqdm(total=total, unit="B", unit_scale=True, desc="train bpe", delay=2) as bar:
+        texts = (bar.update(size) or piece for (_, _, size), piece in _pieces(train, "bpe"))
+        tok = bpe.train_bpe(texts, options["vocab_size"], options["pattern"], num_threads=num_proc)
+    seconds = time.perf_counter() - start
+    sample = ""
+    for _, piece in _pieces([seg for seg in corpus.segments if seg.split != "train"], "bpe"):
+        sample += piece
+        if len(sample) >= _REPORT_SAMPLE:
+            break
+    report = bpe.compression_report(tok, sample[:_REPORT_SAMPLE], seconds)
+    print(bpe.format_report(report))
+    if tok.vocab_size < options["vocab_size"]:
+        print(f"note: the train split allowed only {tok.vocab_size} tokens ({options['vocab_size']} asked)")
+    return tok, report
+
+
+def _encoded(
+    corpus: _Corpus, tok: Tokenizer, tokenizer: str, num_proc: int, desc: str
+) -> Iterator[tuple[str, np.ndarray]]:
+    """(split, ids) in order, with one eot between the documents of a split where the tokenizer has one."""
+    eot = None if tok.eot is None else np.array([tok.eot])
+    seen: set[str] = set()
+    with tqdm(total=corpus.n_bytes, unit="B", unit_scale=True, desc=desc, delay=2) as bar:
+        for (split, first, size), ids in encode_in_order(tok, _pieces(corpus.segments, tokenizer), num_proc):
+            if first and split in seen and eot is not None:
+                yield split, eot
+            seen.add(split)
+            yield split, ids
+            bar.update(size)
 
 
 def _prepare_text(
-    name: str, spec: DatasetSpec, files: list[Path], tokenizer: str, val_fraction: float, out: Path
+    name: str,
+    spec: DatasetSpec,
+    files: list[Path],
+    tokenizer: str,
+    options: dict,
+    val_fraction: float,
+    out: Path,
+    num_proc: int | None,
 ) -> Path:
     unit = "bytes" if tokenizer == "byte" else "characters"
-    source = [str(p) for p in files]
-    meta = _meta_header(name, source, sources_sha256(files), tokenizer, val_fraction, spec.splits)
+    split = {
+        "val_fraction": val_fraction,
+        "names": list(spec.splits),
+        "unit": "documents" if len(files) > 1 else unit,
+    }
+    meta = _meta_header(name, [str(p) for p in files], sources_sha256(files), tokenizer, options, split)
     if _up_to_date(out, meta):
         print(f"{name}: up to date ({out})")
         return out
-    corpus, starts = _read_corpus(files, tokenizer)
+    corpus = _plan(files, tokenizer, spec.splits, val_fraction)
+    if spec.alphabet:
+        _check_alphabet(corpus, spec.alphabet)
+    num_proc = num_proc or os.cpu_count() or 1
+    workers = max(1, min(num_proc, -(-corpus.n_bytes // _PIECE)))  # no more processes than pieces
     if tokenizer == "char":
-        tok = CharTokenizer(spec.alphabet) if spec.alphabet else CharTokenizer.from_text(corpus)
+        tok = CharTokenizer(spec.alphabet or corpus.chars)
+    elif tokenizer == "bpe":
+        tok, meta["tokenizer_report"] = _train_bpe(corpus, options, num_proc)
     else:
         tok = get_tokenizer(tokenizer)
-    bounds = split_bounds(len(corpus), spec.splits, val_fraction)
-    with tqdm(
-        total=len(corpus), unit=unit[0].upper(), unit_scale=True, desc=f"tokenize {name}", delay=2
-    ) as bar:
-        streams = {s: _encode_split(tok, corpus, b, bar, files, starts) for s, b in bounds.items()}
-        counts = _write_bins(out, streams, token_dtype(tok.vocab_size))
-    meta["split"] |= {
-        "unit": unit,
-        "rule": _split_rule(spec.splits, val_fraction, unit),
-        "ranges": {s: list(b) for s, b in bounds.items()},
-    }
-    return _finish(out, meta, tok, counts)
+    meta["split"] |= {"rule": splits.split_rule(spec.splits, val_fraction, corpus.unit)}
+    if corpus.unit == "documents":
+        meta["split"]["documents"] = {s: sum(seg.split == s for seg in corpus.segments) for s in spec.splits}
+    else:
+        meta["split"]["ranges"] = {seg.split: [seg.start, seg.end] for seg in corpus.segments}
+    with _staged(out) as folder:
+        items = _encoded(corpus, tok, tokenizer, workers, f"tokenize {name} ({workers} proc)")
+        counts = _write_tokens(folder, spec.splits, items, token_dtype(tok.vocab_size))
+        meta = _finish(folder, meta, tok, counts)
+    return _announce(meta, out)
 
 
 def _prepare_documents(
-    name: str, spec: DatasetSpec, source: str | Path | None, tokenizer: str, val_fraction: float, out: Path
+    name: str,
+    spec: DatasetSpec,
+    source: str | Path | None,
+    tokenizer: str,
+    val_fraction: float,
+    out: Path,
+    num_proc: int | None,
 ) -> Path:
     from nanogpt.data import hf_corpus
 
@@ -276,20 +451,24 @@ def _prepare_documents(
     files = source_files(source) if source is not None else None
     docs, sha256 = hf_corpus.load_documents(files, spec.hub)
     described = [str(p) for p in files] if files else "hf:" + "/".join(filter(None, spec.hub))
-    meta = _meta_header(name, described, sha256, tokenizer, val_fraction, spec.splits)
+    split = {"val_fraction": val_fraction, "names": list(spec.splits), "unit": "documents"}
+    meta = _meta_header(name, described, sha256, tokenizer, {}, split)
     if _up_to_date(out, meta):
         print(f"{name}: up to date ({out})")
         return out
     tok = get_tokenizer(tokenizer)
-    tokenized = hf_corpus.tokenize(docs, val_fraction)
-    streams = {s: hf_corpus.token_shards(d, desc=f"write {s}.bin") for s, d in tokenized.items()}
-    counts = _write_bins(out, streams, token_dtype(tok.vocab_size))
+    tokenized = hf_corpus.tokenize(docs, val_fraction, num_proc)
+    items = (
+        (s, shard) for s, d in tokenized.items() for shard in hf_corpus.token_shards(d, desc=f"write {s}.bin")
+    )
     meta["split"] |= {
-        "unit": "documents",
         "rule": f"documents shuffled (seed {hf_corpus.SPLIT_SEED}), {val_fraction:.4%} of them to val",
         "documents": {s: len(d) for s, d in tokenized.items()},
     }
-    return _finish(out, meta, tok, counts)
+    with _staged(out) as folder:
+        counts = _write_tokens(folder, spec.splits, items, token_dtype(tok.vocab_size))
+        meta = _finish(folder, meta, tok, counts)
+    return _announce(meta, out)
 
 
 def prepare_dataset(
@@ -298,27 +477,30 @@ def prepare_dataset(
     data_dir: str | Path = "data",
     tokenizer: str | None = None,
     val_fraction: float | None = None,
+    vocab_size: int | None = None,
+    pattern: str | None = None,
+    num_proc: int | None = None,
 ) -> Path:
     """Prepare dataset `name` into DATA_DIR/NAME and return that folder.
 
     `source`: a file, folder or glob to read instead of the canonical source (required for a name not in
-    DATASETS); `tokenizer`: char | gpt2 | byte instead of the dataset's own; `val_fraction`: the share
-    of the corpus in val (and in test, where there is one); None: the dataset's default.
+    DATASETS); `tokenizer`: char | gpt2 | byte | bpe instead of the dataset's own; `val_fraction`: the share
+    of the corpus in val (and in test, where there is one), None: the dataset's default; `vocab_size`,
+    `pattern` ("gpt4" default, or "gpt2"): the BPE to train (--tokenizer bpe); `num_proc`: encoding
+    processes (default: every core).
     """
     spec = _spec(name, source, tokenizer)
     tokenizer = tokenizer or spec.tokenizer
     if tokenizer not in TOKENIZERS:
         raise NanoGPTError(f"unknown tokenizer {tokenizer!r}; known: {', '.join(TOKENIZERS)}")
+    options = _tokenizer_options(tokenizer, vocab_size, pattern)
     val_fraction = spec.val_fraction if val_fraction is None else float(val_fraction)
-    if not 0 < val_fraction * (len(spec.splits) - 1) < 1:
-        raise NanoGPTError(
-            f"val_fraction must leave room for train: got {val_fraction} for splits {spec.splits}"
-        )
-    out = Path(data_dir) / name
+    _check_val_fraction(val_fraction, spec.splits)
+    out = (Path(data_dir) / name).resolve()  # a symlinked dataset folder is replaced where it really is
     if spec.hub is not None:
-        return _prepare_documents(name, spec, source, tokenizer, val_fraction, out)
+        return _prepare_documents(name, spec, source, tokenizer, val_fraction, out, num_proc)
     files = source_files(source) if source is not None else [fetch(spec.raw)]
-    return _prepare_text(name, spec, files, tokenizer, val_fraction, out)
+    return _prepare_text(name, spec, files, tokenizer, options, val_fraction, out, num_proc)
 
 
 def ensure_prepared(name: str, data_dir: str | Path) -> Path:
@@ -336,7 +518,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nanogpt prepare",
         description="Tokenize a dataset into DATA_DIR/NAME/{train,val}.bin + meta.json.",
-        epilog=f"datasets:\n{known}\n\nor any NAME with --source PATH --tokenizer char|gpt2|byte.\n"
+        epilog=f"datasets:\n{known}\n\nor any NAME with --source PATH --tokenizer {'|'.join(TOKENIZERS)}.\n"
         "Raw sources are read from $NANOGPT_DATA_SOURCES/<folder>/ when set, else downloaded and cached "
         "in $NANOGPT_CACHE (default ~/.cache/nanogpt).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -348,10 +530,29 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--data_dir", "--data-dir", default="data", help="output root (default: data)")
     parser.add_argument("--tokenizer", choices=list(TOKENIZERS), help="default: the dataset's own")
     parser.add_argument("--val_fraction", "--val-fraction", type=float, help="default: the dataset's own")
+    parser.add_argument(
+        "--vocab_size",
+        "--vocab-size",
+        type=int,
+        help="--tokenizer bpe: tokens to learn (256 bytes + merges + eot)",
+    )
+    parser.add_argument(
+        "--pattern", choices=list(PATTERNS), help="--tokenizer bpe: split pattern (default gpt4)"
+    )
+    parser.add_argument("--num_proc", "--num-proc", type=int, help="encoding processes (default: every core)")
     return parser
 
 
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
-    prepare_dataset(args.name, args.source, args.data_dir, args.tokenizer, args.val_fraction)
+    prepare_dataset(
+        args.name,
+        args.source,
+        args.data_dir,
+        args.tokenizer,
+        args.val_fraction,
+        args.vocab_size,
+        args.pattern,
+        args.num_proc,
+    )
     return 0

@@ -9,14 +9,19 @@ trusted as given (its own sha256 is recorded in meta.json).
 
 from __future__ import annotations
 
+import codecs
+import contextlib
 import glob
 import hashlib
+import math
 import os
 import urllib.error
 import urllib.request
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from tqdm import tqdm
 
@@ -129,11 +134,15 @@ def source_files(source: str | Path) -> list[Path]:
         files = [p for p in path.rglob("*") if p.is_file() and not _hidden(p.relative_to(path))]
     elif glob.has_magic(str(source)):
         files = [Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file()]
+        if not files:
+            raise NanoGPTError(f"source {str(source)!r} matched no files")
     else:
         raise NanoGPTError(f"source {str(source)!r} not found")
+    if not files:
+        raise NanoGPTError(f"source folder {str(source)!r} holds no files")
     files = sorted(files)
-    if not files or all(p.stat().st_size == 0 for p in files):
-        raise NanoGPTError(f"source {str(source)!r} is empty")
+    if all(p.stat().st_size == 0 for p in files):
+        raise NanoGPTError(f"source {str(source)!r} is empty: {len(files)} file(s) of 0 bytes")
     return files
 
 
@@ -144,25 +153,80 @@ def sources_sha256(files: list[Path]) -> str:
     return hashlib.sha256("\n".join(file_sha256(p) for p in files).encode()).hexdigest()
 
 
-def read_bytes(path: Path) -> bytes:
-    """A file's bytes; for a .zip, its members' bytes in archive order (enwik8.zip holds one file)."""
+BLOCK = 1 << 22  # bytes read at once when streaming a source
+
+
+def _zip_members(archive: zipfile.ZipFile) -> list[zipfile.ZipInfo]:
+    return [info for info in archive.infolist() if not info.is_dir()]
+
+
+@contextlib.contextmanager
+def _open_stream(path: Path) -> Iterator[IO[bytes]]:
+    """A file's bytes as one stream; a .zip's members' bytes, in archive order (enwik8.zip holds one)."""
     if path.suffix.lower() != ".zip":
-        return path.read_bytes()
+        with open(path, "rb") as f:
+            yield f
+        return
     try:
         with zipfile.ZipFile(path) as archive:
-            return b"".join(archive.read(info) for info in archive.infolist() if not info.is_dir())
+            members = _zip_members(archive)
+            if len(members) != 1:
+                raise NanoGPTError(f"{path} holds {len(members)} files: a zip source must hold exactly one")
+            with archive.open(members[0]) as f:
+                yield f
     except zipfile.BadZipFile:
         raise NanoGPTError(f"{path} is not a valid zip file") from None
 
 
-def decode_utf8(data: bytes, where: str | Path) -> str:
-    """`data` as text, or a NanoGPTError that says where the first undecodable byte is."""
+def source_size(path: Path) -> int:
+    """The bytes of text a source holds (a .zip: its member's size uncompressed)."""
+    if path.suffix.lower() != ".zip":
+        return path.stat().st_size
     try:
-        return data.decode("utf-8")
+        with zipfile.ZipFile(path) as archive:
+            return sum(info.file_size for info in _zip_members(archive))
+    except zipfile.BadZipFile:
+        raise NanoGPTError(f"{path} is not a valid zip file") from None
+
+
+def read_blocks(path: Path, start: int = 0, end: int | None = None) -> Iterator[bytes]:
+    """The bytes [start, end) of a source, BLOCK at a time: never the whole file in memory."""
+    try:
+        with _open_stream(path) as f:
+            f.seek(start)  # a zip member seeks by decompressing up to `start`
+            left = math.inf if end is None else end - start
+            while left > 0 and (block := f.read(int(min(BLOCK, left)))):
+                left -= len(block)
+                yield block
+    except OSError as e:
+        raise NanoGPTError(f"cannot read {path}: {e.strerror or e}") from None
+
+
+def read_text(path: Path, start: int = 0, end: int | None = None) -> Iterator[str]:
+    """The text of bytes [start, end) (both at character boundaries), decoded block by block; a byte that
+    is not UTF-8 raises a NanoGPTError saying where it is."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    consumed = start
+    buffered = lambda: consumed - len(decoder.getstate()[0])  # where the decoder's input starts
+    try:
+        for block in read_blocks(path, start, end):
+            at = buffered()
+            yield decoder.decode(block)
+            consumed += len(block)
+        at = buffered()
+        decoder.decode(b"", final=True)
     except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
-        raise NanoGPTError(
-            f"{where} is not UTF-8 text: byte {data[e.start : e.start + 1]!r} at offset {e.start} "
-            f"(line {line}, column {column}): {e.reason}; use --tokenizer byte for binary data"
-        ) from None
+        raise _not_utf8(path, at + e.start, e.object[e.start : e.start + 1], e.reason) from None
+
+
+def _not_utf8(path: Path, position: int, byte: bytes, reason: str) -> NanoGPTError:
+    line, line_start, offset = 1, 0, 0
+    for block in read_blocks(path, 0, position):
+        line += block.count(b"\n")
+        if (newline := block.rfind(b"\n")) >= 0:
+            line_start = offset + newline + 1
+        offset += len(block)
+    return NanoGPTError(
+        f"{path} is not UTF-8 text: byte {byte!r} at offset {position} (line {line}, column "
+        f"{position - line_start + 1}): {reason}; use --tokenizer byte for binary data"
+    )

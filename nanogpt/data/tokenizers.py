@@ -1,4 +1,5 @@
-"""Tokenizers: text <-> token ids, one interface for characters, GPT-2 BPE and bytes.
+"""Tokenizers: text <-> token ids, one interface for characters, GPT-2 BPE, bytes and a BPE trained on
+your text (nanogpt/data/bpe.py trains it).
 
 Each tokenizer is saved as `to_meta()` (a JSON-able dict, in meta.json and in checkpoints) and rebuilt by
 `tokenizer_from_meta`. `encode`/`decode` work on Python lists; `encode_array` is the fast path that
@@ -7,14 +8,15 @@ Each tokenizer is saved as `to_meta()` (a JSON-able dict, in meta.json and in ch
 
 from __future__ import annotations
 
+import base64
 import functools
 import hashlib
 import importlib.util
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -27,7 +29,7 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 class Tokenizer(Protocol):
-    name: str  # "char" | "gpt2" | "byte"
+    name: str  # "char" | "gpt2" | "byte" | "bpe"
     vocab_size: int
     eot: int | None  # end-of-text id, None where the vocabulary has none
 
@@ -42,27 +44,42 @@ class Tokenizer(Protocol):
     def to_meta(self) -> dict: ...
 
 
-# GPT-2's pre-tokenizer never joins two characters across these points, so text cut there encodes, piece
-# by piece, to exactly the ids of the whole: before a space between two non-spaces, after a newline
-# between two non-spaces. (Python's \s is a superset of the Unicode White_Space tiktoken uses, so each
-# \S here is also \S to tiktoken.)
+# Neither GPT-2's nor GPT-4's pre-tokenizer pattern (GPT2_PATTERN, GPT4_PATTERN) joins two characters
+# across these points, so text cut there encodes, piece by piece, to exactly the ids of the whole: before
+# a space between two non-spaces, after a newline between two non-spaces. (No piece of either pattern
+# holds a non-space followed by a space, or a newline followed by a non-space. Python's \s is a superset
+# of the Unicode White_Space tiktoken uses, so each \S here is also \S to tiktoken.)
 _SAFE_CUT = r"(?<=\S)(?= \S)|(?<=\S\n)(?=\S)"
 _SAFE_CUT_STR = re.compile(_SAFE_CUT)
 _SAFE_CUT_BYTES = re.compile(_SAFE_CUT.encode())
 
 
-def safe_pieces(text: str | bytes, size: int) -> Iterator[tuple[int, str | bytes]]:
-    """(start, piece) of about `size` units each, cut only where BPE of the pieces equals BPE of the whole.
+def cut_stream(chunks: Iterable[str | bytes], size: int, anywhere: bool = False) -> Iterator[str | bytes]:
+    """The concatenation of `chunks` (str, or bytes) re-cut into pieces of about `size` units, each cut
+    where BPE of the pieces equals BPE of the whole (anywhere: at exactly `size` units, for characters and
+    bytes). A stretch of more than `size` units without a safe cut stays in one piece."""
+    buffer, searched = None, size  # nothing before `searched` in the buffer can be a cut
+    for chunk in chunks:
+        buffer = chunk if buffer is None else buffer + chunk
+        pattern = _SAFE_CUT_BYTES if isinstance(buffer, bytes) else _SAFE_CUT_STR
+        while len(buffer) > size:
+            cut = size if anywhere else pattern.search(buffer, searched)
+            if cut is None:
+                searched = max(size, len(buffer) - 2)  # the lookarounds reach 2 units back
+                break
+            end = cut if anywhere else cut.start()
+            yield buffer[:end]
+            buffer, searched = buffer[end:], size
+    if buffer:
+        yield buffer
 
-    A stretch of more than `size` units without a safe cut stays in one piece.
-    """
-    pattern = _SAFE_CUT_BYTES if isinstance(text, bytes) else _SAFE_CUT_STR
+
+def safe_pieces(text: str | bytes, size: int) -> Iterator[tuple[int, str | bytes]]:
+    """(start, piece) of about `size` units each, cut only where BPE of the pieces equals BPE of the whole."""
     start = 0
-    while start < len(text):
-        cut = pattern.search(text, start + size) if start + size < len(text) else None
-        end = cut.start() if cut else len(text)
-        yield start, text[start:end]
-        start = end
+    for piece in cut_stream([text], size):
+        yield start, piece
+        start += len(piece)
 
 
 def _check_ids(ids: Sequence[int], vocab_size: int) -> np.ndarray:
@@ -216,20 +233,15 @@ def _gpt2_encoding():
     )
 
 
-class GPT2Tokenizer:
-    """OpenAI's GPT-2 BPE through tiktoken. Special tokens in the text are encoded as plain text."""
+class _TiktokenBPE:
+    """Byte-level BPE through a `tiktoken.Encoding` (self._enc): GPT-2's or a trained one. Special tokens
+    in the text are encoded as plain text; only the pipeline inserts them (eot between documents)."""
 
-    name = "gpt2"
-    vocab_size = 50257
-    eot = 50256
+    name: str
+    vocab_size: int
+    eot: int | None
+    _enc: Any
     _PIECE = 1 << 16  # characters per piece handed to one tiktoken thread
-
-    def __init__(self) -> None:
-        self._enc = _gpt2_encoding()
-
-    @classmethod
-    def from_meta(cls, meta: dict) -> GPT2Tokenizer:
-        return cls()
 
     def encode(self, text: str) -> list[int]:
         return self._enc.encode_ordinary(text)
@@ -244,16 +256,110 @@ class GPT2Tokenizer:
         return np.concatenate([np.array(ids, dtype=dtype) for ids in self.encode_batch(pieces)] or [[]])
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self._enc.decode(_check_ids(ids, self.vocab_size).tolist())
+        # a window of tokens may cut a multi-byte character: show U+FFFD instead of failing
+        return self._enc.decode(_check_ids(ids, self.vocab_size).tolist(), errors="replace")
 
     def decode_bytes(self, ids: Sequence[int]) -> bytes:
         return self._enc.decode_bytes(_check_ids(ids, self.vocab_size).tolist())
+
+    def token_bytes(self) -> list[bytes]:
+        """Every token's bytes, by id (special tokens as their UTF-8 text)."""
+        return [self._enc.decode_single_token_bytes(i) for i in range(self.vocab_size)]
+
+
+class GPT2Tokenizer(_TiktokenBPE):
+    """OpenAI's GPT-2 BPE through tiktoken."""
+
+    name = "gpt2"
+    vocab_size = 50257
+    eot = 50256
+
+    def __init__(self) -> None:
+        self._enc = _gpt2_encoding()
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> GPT2Tokenizer:
+        return cls()
 
     def to_meta(self) -> dict:
         return {"name": self.name}
 
 
-TOKENIZERS: dict[str, type] = {"char": CharTokenizer, "gpt2": GPT2Tokenizer, "byte": ByteTokenizer}
+# The pre-tokenizer patterns: text is split by the pattern and BPE never merges across its pieces.
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+# GPT-4's (cl100k_base): case-insensitive contractions, numbers in groups of up to 3 digits, a punctuation
+# run keeps its newlines; words take one leading non-letter (a space, or a quote).
+GPT4_PATTERN = (
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|"""
+    r"""\s*[\r\n]|\s+(?!\S)|\s"""
+)
+PATTERNS = {"gpt4": GPT4_PATTERN, "gpt2": GPT2_PATTERN}
+ENDOFTEXT = "<|endoftext|>"
+BPE_FORMAT = "nanogpt-bpe"  # the "format" of a trained BPE's JSON (see nanogpt/data/bpe.py), version:
+BPE_VERSION = 1
+
+
+class BPETokenizer(_TiktokenBPE):
+    """A byte-level BPE trained on your text (nanogpt/data/bpe.py): ranks[i] is the bytes of token i,
+    then the special tokens, each with its id. to_meta() is self-contained: it is the tokenizer file."""
+
+    name = "bpe"
+
+    def __init__(self, ranks: list[bytes], pattern: str, special_tokens: dict[str, int]):
+        import tiktoken
+
+        if sorted(r for r in ranks if len(r) == 1) != [bytes([b]) for b in range(256)]:
+            raise NanoGPTError("a byte-level BPE needs all 256 single bytes among its tokens")
+        if len(set(ranks)) != len(ranks):
+            raise NanoGPTError("a BPE vocabulary must not repeat a token")
+        if sorted(special_tokens.values()) != list(range(len(ranks), len(ranks) + len(special_tokens))):
+            raise NanoGPTError(f"special token ids must follow the {len(ranks)} ranks: {special_tokens}")
+        self.ranks, self.pattern, self.special_tokens = ranks, pattern, dict(special_tokens)
+        self.vocab_size = len(ranks) + len(special_tokens)
+        self.eot = special_tokens.get(ENDOFTEXT)
+        try:
+            self._enc = tiktoken.Encoding(
+                name="bpe",
+                pat_str=pattern,
+                mergeable_ranks={token: i for i, token in enumerate(ranks)},
+                special_tokens=special_tokens,
+                explicit_n_vocab=self.vocab_size,
+            )
+        except ValueError as e:
+            raise NanoGPTError(f"not a usable BPE (pattern {pattern!r}): {e}") from None
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> BPETokenizer:
+        if "ranks" not in meta:
+            raise NanoGPTError(
+                f"this BPE description names a file ({meta.get('file')!r}) instead of holding its ranks: "
+                "read the dataset's meta.json with nanogpt.data.read_meta, which loads it"
+            )
+        if meta.get("format") != BPE_FORMAT or meta.get("version") != BPE_VERSION:
+            raise NanoGPTError(
+                f"unsupported BPE tokenizer format {meta.get('format')!r} version {meta.get('version')!r} "
+                f"(this nanogpt reads {BPE_FORMAT!r} version {BPE_VERSION})"
+            )
+        ranks = [base64.b64decode(token) for token in meta["ranks"]]
+        return cls(ranks, meta["pattern"], {str(k): int(v) for k, v in meta["special_tokens"].items()})
+
+    def to_meta(self) -> dict:
+        return {
+            "name": self.name,
+            "format": BPE_FORMAT,
+            "version": BPE_VERSION,
+            "pattern": self.pattern,
+            "special_tokens": self.special_tokens,
+            "ranks": [base64.b64encode(token).decode("ascii") for token in self.ranks],
+        }
+
+
+TOKENIZERS: dict[str, type] = {
+    "char": CharTokenizer,
+    "gpt2": GPT2Tokenizer,
+    "byte": ByteTokenizer,
+    "bpe": BPETokenizer,
+}
 
 
 def _known(name: str) -> type:
@@ -271,9 +377,9 @@ def tokenizer_from_meta(meta: dict) -> Tokenizer:
 
 def get_tokenizer(name: str) -> Tokenizer:
     """A tokenizer whose vocabulary is fixed: "gpt2" or "byte"."""
-    if name == "char":
+    if name in ("char", "bpe"):
         raise NanoGPTError(
-            "the char tokenizer needs a vocabulary: build it with CharTokenizer.from_text(text), "
-            "or load it from a prepared dataset's meta.json (tokenizer_from_meta)"
+            f"the {name} tokenizer is built from a corpus (`nanogpt prepare NAME --source PATH --tokenizer "
+            f"{name}`): load it from a prepared dataset's meta.json (read_meta, then tokenizer_from_meta)"
         )
     return _known(name)()
