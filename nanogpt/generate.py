@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import codecs
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Hashable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from nanogpt.errors import NanoGPTError
 from nanogpt.model import GPT, KVCache, sample_next_token, validate_sampling
 
 
@@ -184,13 +185,141 @@ def decode_stream(tokenizer: Any, token_ids: Iterable[int], stop_at: int | None 
     """The text of a stream of token ids, piece by piece as they arrive, ending before the token `stop_at`.
     A BPE token can hold part of a multi-byte character: its bytes are held back until the character is
     complete, so no piece ever holds half a character (U+FFFD only where the bytes are truly invalid)."""
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    text = TextPieces(tokenizer)
     for token_id in token_ids:
         if token_id == stop_at:
             break
-        piece = decoder.decode(tokenizer.decode_bytes([token_id]))
+        piece = text.add(token_id)
         if piece:
             yield piece
-    tail = decoder.decode(b"", final=True)
+    tail = text.flush()
     if tail:
         yield tail
+
+
+class TextPieces:
+    """decode_stream's decoder, fed one token at a time (the server's sequences each have one): `add`
+    returns the new text, holding back the bytes of a character that is not complete yet."""
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def add(self, token_id: int) -> str:
+        return self.decoder.decode(self.tokenizer.decode_bytes([token_id]))
+
+    def flush(self) -> str:
+        """The held bytes at the end of the stream: U+FFFD where they never made a character."""
+        return self.decoder.decode(b"", final=True)
+
+
+class BatchKVCache(KVCache):
+    """One layer's keys and values for up to `rows` sequences of different lengths decoding together
+    (continuous batching): rows 0..B-1 are the batch's B sequences. Before each forward the BatchDecoder
+    sets `lengths` (B,), the positions each row holds, and `len`, the longest (forward's context check)."""
+
+    def __init__(self, max_len: int, rows: int):
+        super().__init__(max_len)
+        self.rows = rows
+        self.lengths = torch.zeros(0, dtype=torch.long)
+
+    def _storage(self, kv: torch.Tensor) -> torch.Tensor:
+        if self.kv is None:  # (2, rows, nh, max_len, hs): every row, whatever the batch's size now
+            _, _, nh, _, hs = kv.shape
+            self.kv = kv.new_zeros(2, self.rows, nh, self.max_len, hs)
+        return self.kv
+
+    def positions(self, T: int, device: torch.device) -> torch.Tensor:
+        """The positions of each row's next T tokens, (B, T)."""
+        return self.lengths[:, None] + torch.arange(T, dtype=torch.long, device=device)
+
+    def append(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Add (2, B, nh, T, hs) keys and values, each row at its own positions; return the first
+        S = longest + T positions of every row, (B, nh, S, hs) each, and which keys each row's queries
+        may see, (B, 1, T, S): the row's own positions so far (a shorter row's tail is masked out)."""
+        B, T = kv.size(1), kv.size(3)
+        pos = self.positions(T, kv.device)  # (B, T)
+        rows = torch.arange(B, device=kv.device)[:, None]  # (B, 1)
+        storage = self._storage(kv)
+        storage[:, rows, :, pos] = kv.permute(1, 3, 0, 2, 4)  # indexed as (B, T, 2, nh, hs)
+        S = self.len + T
+        k, v = storage[:, :B, :, :S].unbind(0)
+        visible = torch.arange(S, device=kv.device) <= pos[:, None, :, None]  # (B, 1, T, S)
+        return k, v, visible
+
+
+class BatchDecoder:
+    """Continuous batching: sequences of different lengths decode together, one token each per `step`.
+    A sequence joins at any step (its prompt read alone, its keys and values then copied into a free
+    row) and leaves at any step (the last row moves into its place: rows 0..B-1 stay the batch).
+    Each draws with its own Sampling and generator, row by row, so its tokens are those it gets decoded
+    alone (tested). A sequence cannot outgrow max_len (at most block_size): the caller stops it before."""
+
+    def __init__(self, model: GPT, rows: int, max_len: int | None = None):
+        self.model = model
+        self.device = model.lm_head.weight.device
+        self.max_len = min(max_len or model.config.block_size, model.config.block_size)
+        self.cache = [BatchKVCache(self.max_len, rows) for _ in model.transformer.h]
+        self.rows = rows
+        self.keys: list[Hashable] = []  # row i decodes sequence keys[i]
+        self.lengths: list[int] = []  # positions row i holds
+        self.sampling: list[tuple[Sampling, torch.Generator | None]] = []
+        self.last: list[int] = []  # the token row i reads next
+
+    @property
+    def free(self) -> int:
+        return self.rows - len(self.keys)
+
+    def _draw(self, logits: torch.Tensor, row: int) -> int:
+        """logits (1, V) -> row's next token."""
+        sampling, generator = self.sampling[row]
+        t, k, p = sampling.temperature, sampling.top_k, sampling.top_p
+        return int(sample_next_token(logits, t, k, p, generator))
+
+    @torch.inference_mode()
+    def join(
+        self, key: Hashable, prompt: list[int], sampling: Sampling, generator: torch.Generator | None = None
+    ) -> int:
+        """Read the prompt (alone) into a free row; return the sequence's first token."""
+        if not self.free or not 0 < len(prompt) < self.max_len:
+            raise NanoGPTError(
+                f"cannot join a batch of {len(self.keys)}/{self.rows} sequences with a prompt of "
+                f"{len(prompt)} tokens (1..{self.max_len - 1} fit)"
+            )
+        alone = [KVCache(len(prompt)) for _ in self.model.transformer.h]
+        logits, _ = self.model(torch.tensor([prompt], device=self.device), kv_cache=alone)  # (1, 1, V)
+        row = len(self.keys)
+        for layer, batch in zip(alone, self.cache, strict=True):
+            batch._storage(layer.kv)[:, row, :, : len(prompt)] = layer.kv[:, 0]
+        self.keys.append(key)
+        self.lengths.append(len(prompt))
+        self.sampling.append((sampling, generator))
+        self.last.append(self._draw(logits[:, -1, :], row))
+        return self.last[row]
+
+    @torch.inference_mode()
+    def step(self) -> list[int]:
+        """The next token of every sequence, in row order (that of `keys`)."""
+        B = len(self.keys)
+        lengths = torch.tensor(self.lengths, dtype=torch.long, device=self.device)  # (B,)
+        for layer in self.cache:
+            layer.lengths, layer.len = lengths, max(self.lengths)
+        tokens = torch.tensor(self.last, dtype=torch.long, device=self.device).view(B, 1)
+        with one_position_kernels(self.device, self.model.lm_head.weight.dtype):
+            logits, _ = self.model(tokens, kv_cache=self.cache)  # (B, 1, V)
+        self.lengths = [n + 1 for n in self.lengths]
+        self.last = [self._draw(logits[row], row) for row in range(B)]
+        return list(self.last)
+
+    @torch.inference_mode()
+    def leave(self, key: Hashable) -> None:
+        """Free the sequence's row."""
+        row, last = self.keys.index(key), len(self.keys) - 1
+        if row != last:  # the last row moves into the freed one
+            n = self.lengths[last]
+            for layer in self.cache:
+                layer.kv[:, row, :, :n] = layer.kv[:, last, :, :n]
+            for rows in (self.keys, self.lengths, self.sampling, self.last):
+                rows[row] = rows[last]
+        for rows in (self.keys, self.lengths, self.sampling, self.last):
+            rows.pop()

@@ -56,7 +56,8 @@ class KVCache:
 
     def append(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Add (2, B, nh, T, hs) keys and values; return all cached ones, (B, nh, S, hs) each, and which
-        of the S keys each of the T queries may see, (T, S) bool (None: the causal corner, keys 0..S-T+i)."""
+        of the S keys each of the T queries may see, (T, S) bool (None: the causal corner, keys 0..S-T+i;
+        a cache of sequences of different lengths gives one mask per sequence, (B, 1, T, S))."""
         end = self.len + kv.size(3)
         self._storage(kv)[:, :, :, self.len : end] = kv  # one copy for keys and values: decoding is op-bound
         self.len = end
@@ -116,7 +117,9 @@ class CausalSelfAttention(nn.Module):
         else:  # the plain path, kept for teaching and as the reference the fused kernel is tested against
             # 0 where query i may look at key j and -inf where it may not
             mask = self._visible(T, S, visible)
-            causal = torch.zeros(T, S, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
+            causal = torch.zeros_like(mask, dtype=q.dtype).masked_fill_(~mask, float("-inf"))
+            if causal.dim() == 4:  # one mask per sequence (B, 1, T, S) (batched decoding): one per head
+                causal = causal.expand(B, self.n_head, T, S).reshape(B * self.n_head, T, S)
             # one kernel scales q k^T and adds the mask (a third faster than matmul, mul and masked_fill
             # on a CPU): (B*nh, T, hs) x (B*nh, hs, S) -> (B*nh, T, S)
             att = torch.baddbmm(
