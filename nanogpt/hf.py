@@ -7,9 +7,11 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from nanogpt.data.bpe import write_hf_tokenizer
 from nanogpt.errors import NanoGPTError
 from nanogpt.model import GPT, GPTConfig
 
@@ -48,12 +50,26 @@ def load_gpt2(name_or_path: str, override_args: dict | None = None) -> GPT:
     transformers = _transformers()
     print(f"loading weights from pretrained gpt: {name_or_path}")
     try:
-        hf_model = transformers.GPT2LMHeadModel.from_pretrained(name_or_path)
-    except OSError as e:  # offline without a cached copy, or a folder without weights
+        model_type = transformers.AutoConfig.from_pretrained(name_or_path).model_type
+        if model_type != "gpt2":
+            raise NanoGPTError(f"{name_or_path} holds a {model_type!r} model, not GPT-2: only GPT-2 weights load")
+        hf_model, report = transformers.GPT2LMHeadModel.from_pretrained(name_or_path, output_loading_info=True)
+    except (OSError, ValueError) as e:  # offline without a cached copy, a folder without weights, bad JSON
+        if isinstance(e, NanoGPTError):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise NanoGPTError(
-            f"could not load GPT-2 weights {name_or_path!r}: {e}. Hub names need the network once (then "
+            f"could not load GPT-2 weights {name_or_path!r}: {first}. Hub names need the network once (then "
             "they are cached); a local folder needs config.json and model.safetensors"
         ) from None
+    # transformers fills a tensor missing from the files with a random init and carries on: refuse that
+    missing = [k for k in report["missing_keys"] if not k.endswith((".attn.bias", ".attn.masked_bias", "lm_head.weight"))]
+    if missing or report["mismatched_keys"]:
+        bad = missing or [k for k, *_ in report["mismatched_keys"]]
+        raise NanoGPTError(
+            f"{name_or_path} is not a complete GPT-2: {len(bad)} tensor(s) are missing from its files or have "
+            f"another shape ({', '.join(bad[:4])}{', ...' if len(bad) > 4 else ''}); it would load as random weights"
+        )
     hf_cfg = hf_model.config
     if hf_cfg.activation_function not in GELU_OF_HF:
         raise NanoGPTError(
@@ -107,12 +123,16 @@ def hf_config(cfg: GPTConfig, **extra):
     )
 
 
-def export(model: GPT, directory: str | Path) -> Path:
+def export(model: GPT, directory: str | Path, tokenizer: Any = None) -> Path:
     """Write `model` as a HF GPT-2 folder (config.json + model.safetensors). A model without biases is
-    written with zero biases, which computes the same function."""
+    written with zero biases, which computes the same function. With a byte-level BPE `tokenizer` (GPT-2's
+    or one trained by `nanogpt prepare --tokenizer bpe`; the checkpoint's), also its tokenizer.json, which
+    `transformers.AutoTokenizer` loads and which gives the same ids; characters and bytes have none."""
     transformers = _transformers()
     cfg = model.config
     hf_cfg = hf_config(cfg)
+    if tokenizer is not None and tokenizer.eot is not None:  # its <|endoftext|>, wherever its id is
+        hf_cfg.bos_token_id = hf_cfg.eos_token_id = tokenizer.eot
     hf_model = transformers.GPT2LMHeadModel(hf_cfg)
     ours = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
     hf_sd = hf_model.state_dict()
@@ -128,6 +148,8 @@ def export(model: GPT, directory: str | Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
         hf_model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            write_hf_tokenizer(tokenizer, tmp)
         if directory.exists():
             shutil.rmtree(directory)
         os.replace(tmp, directory)

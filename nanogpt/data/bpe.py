@@ -107,7 +107,8 @@ def compression_report(tok: Tokenizer, sample: str, seconds: float, examples: in
     except NanoGPTError:  # GPT-2's files unavailable offline: compare with characters only
         pass
     per_byte["char"] = len(sample) / n_bytes
-    lines = [line.strip()[:60] for line in sample.splitlines() if line.strip()][:examples]
+    lines = [line.strip()[:60] for line in sample.splitlines() if line.strip()]
+    lines = [lines[len(lines) * i // examples] for i in range(examples)] if lines else []  # spread out
     return {
         "vocab_size": tok.vocab_size,
         "train_seconds": round(seconds, 3),

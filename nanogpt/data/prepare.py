@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from nanogpt.data import bpe, splits
+from nanogpt.data.bpe import check_vocab_size, compression_report, format_report, save_bpe, train_bpe
 from nanogpt.data.parallel import encode_in_order
 from nanogpt.data.sources import (
     ENWIK8,
@@ -41,7 +41,7 @@ from nanogpt.data.sources import (
     source_size,
     sources_sha256,
 )
-from nanogpt.data.splits import Segment
+from nanogpt.data.splits import Segment, plan_by_documents, plan_by_position, split_bounds, split_rule
 from nanogpt.data.tokenizers import (
     PATTERNS,
     TOKENIZERS,
@@ -147,7 +147,7 @@ def _tokenizer_options(tokenizer: str, vocab_size: int | None, pattern: str | No
         return {}
     if vocab_size is None:
         raise NanoGPTError("--tokenizer bpe needs --vocab_size N (the tokens it learns, e.g. 4096)")
-    bpe.check_vocab_size(vocab_size)
+    check_vocab_size(vocab_size)
     if (pattern or "gpt4") not in PATTERNS:
         raise NanoGPTError(f"unknown --pattern {pattern!r}; known: {', '.join(PATTERNS)}")
     return {"vocab_size": int(vocab_size), "pattern": pattern or "gpt4"}
@@ -263,7 +263,7 @@ def _finish(folder: Path, meta: dict, tok: Tokenizer, counts: dict[str, int]) ->
     """meta.json (and a BPE's tokenizer file) into the staged folder."""
     tokenizer = tok.to_meta()
     if tok.name == "bpe":
-        bpe.save_bpe(tok, folder / BPE_FILE)
+        save_bpe(tok, folder / BPE_FILE)
         tokenizer = {"name": "bpe", "file": BPE_FILE, "sha256": file_sha256(folder / BPE_FILE)}
     meta |= {
         "tokenizer": tokenizer,
@@ -317,16 +317,16 @@ def _plan(files: list[Path], tokenizer: str, names: tuple[str, ...], val_fractio
     scans = [] if tokenizer == "byte" else [_scan(p) for p in files]
     chars = "".join(sorted(set().union(*(seen for _, seen in scans))))
     if len(files) > 1:
-        segments, unit = splits.plan_by_documents(files, sizes, names, val_fraction), "documents"
+        segments, unit = plan_by_documents(files, sizes, names, val_fraction), "documents"
     elif tokenizer == "byte":
         segments, unit = (
-            splits.plan_by_position(files[0], splits.split_bounds(sizes[0], names, val_fraction)),
+            plan_by_position(files[0], split_bounds(sizes[0], names, val_fraction)),
             "bytes",
         )
     else:
-        bounds = splits.split_bounds(scans[0][0], names, val_fraction)
+        bounds = split_bounds(scans[0][0], names, val_fraction)
         in_bytes = {s: tuple(_char_offset_to_byte(files[0], i) for i in b) for s, b in bounds.items()}
-        segments, unit = splits.plan_by_position(files[0], in_bytes), "characters"
+        segments, unit = plan_by_position(files[0], in_bytes), "characters"
     return _Corpus(files, segments, unit, sum(sizes), chars)
 
 
@@ -361,15 +361,15 @@ def _train_bpe(corpus: _Corpus, options: dict, num_proc: int) -> tuple[Tokenizer
     start = time.perf_counter()
     with tqdm(total=total, unit="B", unit_scale=True, desc="train bpe", delay=2) as bar:
         texts = (bar.update(size) or piece for (_, _, size), piece in _pieces(train, "bpe"))
-        tok = bpe.train_bpe(texts, options["vocab_size"], options["pattern"], num_threads=num_proc)
+        tok = train_bpe(texts, options["vocab_size"], options["pattern"], num_threads=num_proc)
     seconds = time.perf_counter() - start
     sample = ""
     for _, piece in _pieces([seg for seg in corpus.segments if seg.split != "train"], "bpe"):
         sample += piece
         if len(sample) >= _REPORT_SAMPLE:
             break
-    report = bpe.compression_report(tok, sample[:_REPORT_SAMPLE], seconds)
-    print(bpe.format_report(report))
+    report = compression_report(tok, sample[:_REPORT_SAMPLE], seconds)
+    print(format_report(report))
     if tok.vocab_size < options["vocab_size"]:
         print(f"note: the train split allowed only {tok.vocab_size} tokens ({options['vocab_size']} asked)")
     return tok, report
@@ -421,7 +421,7 @@ def _prepare_text(
         tok, meta["tokenizer_report"] = _train_bpe(corpus, options, num_proc)
     else:
         tok = get_tokenizer(tokenizer)
-    meta["split"] |= {"rule": splits.split_rule(spec.splits, val_fraction, corpus.unit)}
+    meta["split"] |= {"rule": split_rule(spec.splits, val_fraction, corpus.unit)}
     if corpus.unit == "documents":
         meta["split"]["documents"] = {s: sum(seg.split == s for seg in corpus.segments) for s in spec.splits}
     else:
