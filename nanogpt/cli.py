@@ -15,6 +15,7 @@ COMMANDS = {
     "eval": ("nanogpt.evaluate", "loss, perplexity and bits per character on a split or a file"),
     "bench": ("nanogpt.bench", "training and generation throughput, MFU"),
     "experiment": ("nanogpt.experiment", "several seeds x several datasets -> a table of results"),
+    "serve": ("nanogpt.serve.main", "OpenAI-compatible HTTP server with batched decoding and a playground"),
 }
 
 

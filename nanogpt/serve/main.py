@@ -1,0 +1,153 @@
+"""`nanogpt serve`: an OpenAI-compatible HTTP server (FastAPI + uvicorn: `pip install 'nanogpt[serve]'`).
+
+    nanogpt serve --out_dir=out/shakespeare_char_cpu            # http://127.0.0.1:8000, playground at /
+    nanogpt serve --init_from=gpt2 --port=0 --api_key=secret    # port 0: any free port (printed)
+
+The server listens at once and loads the model in the background (/health: 503, then 200). SIGTERM or
+Ctrl-C stops accepting, gives running requests a few seconds to finish, cancels the rest, exits 0."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import ipaddress
+import os
+import socket
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from nanogpt.checkpoint import load_for_inference, model_source
+from nanogpt.device import DtypeName, autocast, check_dtype, resolve_device, resolve_dtype
+from nanogpt.errors import NanoGPTError
+from nanogpt.options import parse_options
+
+API_KEY_ENV = "NANOGPT_API_KEY"
+GRACE_SECONDS = 3  # how long a stopping server lets running requests finish before cancelling them
+
+
+@dataclass
+class ServeConfig:
+    init_from: str = "resume"  # "resume": the checkpoint in out_dir; or gpt2, gpt2-medium, ... or a HF folder
+    out_dir: str = "out"
+    host: str = "127.0.0.1"  # anything but loopback without an api_key prints a warning
+    port: int = 8000  # 0: any free port (the address is printed)
+    device: str = "auto"  # auto (cuda > mps > cpu) | cpu | cuda | cuda:1 | mps
+    dtype: DtypeName = "float32"  # float32, bfloat16 / float16 through torch.autocast, or auto
+    compile: bool = False  # torch.compile the model
+    threads: int = 0  # torch's CPU threads (0: PyTorch's default)
+    model_name: str = ""  # the model id clients send and /v1/models shows ("": out_dir's name or init_from)
+    api_key: str = ""  # when set (or NANOGPT_API_KEY), /v1/* need "Authorization: Bearer KEY"
+    max_batch: int = 16  # completions decoded together (rows of the batched KV cache)
+    max_waiting: int = 256  # completions queued for a free row; more: 503 server_busy
+    max_tokens: int = 0  # the most new tokens per completion (0: the context, block_size, minus the prompt)
+    max_n: int = 8  # the most completions one request may ask for (n)
+    max_body_bytes: int = 1_000_000  # larger request bodies: 413
+    log_level: str = "warning"  # uvicorn's ("info" logs every request)
+
+    def __post_init__(self):
+        check_dtype(self.dtype)
+        for name in ("max_batch", "max_waiting", "max_n", "max_body_bytes"):
+            if getattr(self, name) < 1:
+                raise NanoGPTError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_tokens < 0 or self.threads < 0 or not 0 <= self.port < 65536:
+            raise NanoGPTError("max_tokens and threads must be >= 0 and port in 0..65535")
+
+
+def require_extra() -> None:
+    missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise NanoGPTError(
+            f"nanogpt serve needs {' and '.join(missing)}: pip install 'nanogpt[serve]' (or -e '.[serve]')"
+        )
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket (bound before the model loads, so the port is known and held)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise NanoGPTError(f"cannot listen on {host}:{port} ({e.strerror}): pick another --port") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def load(cfg: ServeConfig, device: str):
+    """The Served model (runs in the server's loading thread)."""
+    from nanogpt.serve.app import Served
+
+    source = model_source(cfg.init_from, cfg.out_dir)
+    model, tokenizer = load_for_inference(source, device, cfg.compile)
+    name = cfg.model_name or (
+        Path(cfg.out_dir).resolve().name if cfg.init_from == "resume" else cfg.init_from
+    )
+    context = functools.partial(autocast, device, resolve_dtype(cfg.dtype, device))
+    return Served(model, tokenizer, Path(name).name or name, context)
+
+
+def serve(cfg: ServeConfig) -> None:
+    """Run the server until a signal stops it; a model that fails to load stops it with the error."""
+    require_extra()
+    import uvicorn
+
+    from nanogpt.serve.app import Settings, create_app
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            super().handle_exit(sig, frame)
+            # a signal is how a server is asked to stop: exit 0 after shutting down, do not re-raise it
+            getattr(self, "_captured_signals", []).clear()
+
+    device = resolve_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    api_key = cfg.api_key or os.environ.get(API_KEY_ENV, "")
+    if not is_loopback(cfg.host) and not api_key:
+        print(
+            f"warning: serving on {cfg.host} without an API key: anyone who can reach it can use it "
+            f"(set --api_key or {API_KEY_ENV})",
+            file=sys.stderr,
+        )
+    errors: list[str] = []
+
+    def stop_on_error(message: str) -> None:
+        errors.append(message)
+        server.should_exit = True
+
+    limits = dict(max_batch=cfg.max_batch, max_waiting=cfg.max_waiting, max_tokens=cfg.max_tokens)
+    settings = Settings(api_key, **limits, max_n=cfg.max_n, max_body_bytes=cfg.max_body_bytes)
+    settings.on_load_error = stop_on_error
+    app = create_app(functools.partial(load, cfg, device), settings)
+    config = uvicorn.Config(
+        app, log_level=cfg.log_level, access_log=False, timeout_graceful_shutdown=GRACE_SECONDS
+    )
+    server = Server(config)
+    sock = bind(cfg.host, cfg.port)
+    host, port = sock.getsockname()[:2]
+    print(
+        f"nanogpt serve: listening on http://{host}:{port} (playground at /, OpenAI API at /v1)", flush=True
+    )
+    server.run(sockets=[sock])
+    if errors:
+        raise NanoGPTError(errors[0])
+
+
+def main(argv: list[str]) -> int:
+    cfg = parse_options(ServeConfig, argv, "usage: nanogpt serve [--key=value ...]")
+    if cfg is not None:
+        serve(cfg)
+    return 0
