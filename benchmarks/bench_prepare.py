@@ -1,11 +1,15 @@
-"""Preparation throughput (MB/s of raw text) for character-level and GPT-2 BPE tiny Shakespeare.
+"""Preparation throughput (MB/s of raw text) and peak memory, small and large.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_prepare.py [--repeats 5] [--json results.json]
+    OMP_NUM_THREADS=1 python benchmarks/bench_prepare.py --large --sizes_mb 50,200 --num_procs 1,2
 
-"prepare" times the whole `prepare_dataset` (read, hash, tokenize, write the bins and meta.json) into a
-fresh folder; "encode" times the tokenizer's `encode_array` over the corpus alone. Both are the median of
---repeats runs after one warm-up (which also loads GPT-2's BPE ranks, timed separately). The raw text comes
-from NANOGPT_DATA_SOURCES (default ../shared/data) or --source.
+Default: tiny Shakespeare (from NANOGPT_DATA_SOURCES, default ../shared/data, or --source) as characters
+and GPT-2 BPE, the median of --repeats whole `prepare_dataset` runs after one warm-up.
+
+--large: a generated multi-language corpus (nanogpt.data.synthetic, seeded; written to a temporary folder,
+never kept) of each --sizes_mb, prepared with each tokenizer (GPT-2 BPE; a BPE of 4096 trained on it) by
+each number of --num_procs. Every run is a fresh child process, which reports its seconds and its peak RSS
+and that of its worker processes (the largest one): memory must not grow with the corpus.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -24,11 +29,25 @@ from pathlib import Path
 
 import torch
 
-from nanogpt.data import CharTokenizer, GPT2Tokenizer, prepare_dataset
+from nanogpt.data import prepare_dataset
+from nanogpt.data.synthetic import write_corpus
+from nanogpt.device import device_name
 from nanogpt.files import write_text_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 DATASETS = {"shakespeare_char": "char", "shakespeare": "gpt2"}
+CHILD = """
+import json, resource, sys, time
+from nanogpt.data.prepare import prepare_dataset
+source, out, tokenizer, num_proc = sys.argv[1:5]
+options = {"vocab_size": 4096} if tokenizer == "bpe" else {}
+start = time.perf_counter()
+prepare_dataset("bench", source, out, tokenizer, num_proc=int(num_proc), **options)
+seconds = time.perf_counter() - start
+kib = lambda who: resource.getrusage(who).ru_maxrss
+print(json.dumps({"seconds": seconds, "rss_MiB": kib(resource.RUSAGE_SELF) / 1024,
+                  "worker_rss_MiB": kib(resource.RUSAGE_CHILDREN) / 1024}))
+"""
 
 
 def median_seconds(fn, *args, repeats: int) -> float:
@@ -46,25 +65,27 @@ def prepare_into_temp(name: str, source: Path) -> None:
         prepare_dataset(name, source=source, data_dir=out)
 
 
-def run(source: Path, repeats: int) -> dict:
-    text = source.read_text(encoding="utf-8")
+def machine() -> dict:
+    return {
+        "cpu": device_name("cpu"),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+
+
+def run_small(source: Path, repeats: int) -> dict:
     megabytes = source.stat().st_size / 1e6
-    start = time.perf_counter()
-    GPT2Tokenizer()  # the first one loads (and caches) the BPE ranks
-    load_s = time.perf_counter() - start
     rows = []
     for name, tokenizer in DATASETS.items():
-        tok = CharTokenizer.from_text(text) if tokenizer == "char" else GPT2Tokenizer()
-        prepare_s = median_seconds(prepare_into_temp, name, source, repeats=repeats)
-        encode_s = median_seconds(tok.encode_array, text, repeats=repeats)
+        seconds = median_seconds(prepare_into_temp, name, source, repeats=repeats)
         rows.append(
             {
                 "dataset": name,
                 "tokenizer": tokenizer,
-                "prepare_s": round(prepare_s, 4),
-                "prepare_MB_per_s": round(megabytes / prepare_s, 2),
-                "encode_s": round(encode_s, 4),
-                "encode_MB_per_s": round(megabytes / encode_s, 2),
+                "seconds": round(seconds, 4),
+                "MB_per_s": round(megabytes / seconds, 2),
             }
         )
     return {
@@ -72,27 +93,71 @@ def run(source: Path, repeats: int) -> dict:
         "source": str(source),
         "source_MB": round(megabytes, 3),
         "repeats": repeats,
-        "gpt2_tokenizer_load_s": round(load_s, 3),
-        "machine": {
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "cpu_count": os.cpu_count(),
-        },
+        "machine": machine(),
+        "results": rows,
+    }
+
+
+def prepare_in_child(source: Path, tokenizer: str, num_proc: int) -> dict:
+    with tempfile.TemporaryDirectory() as out:
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        done = subprocess.run(
+            [sys.executable, "-c", CHILD, str(source), out, tokenizer, str(num_proc)],
+            capture_output=True,
+            text=True,
+            env=env,
+            check=True,
+        )
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run_large(sizes_mb: list[int], tokenizers: list[str], num_procs: list[int]) -> dict:
+    rows = []
+    with tempfile.TemporaryDirectory() as root:
+        for size in sizes_mb:
+            folder = Path(root) / f"corpus_{size}"
+            files = write_corpus(folder, size * 1_000_000, seed=0, docs_per_file=200)
+            megabytes = sum(p.stat().st_size for p in files) / 1e6
+            for tokenizer in tokenizers:
+                for num_proc in num_procs:
+                    result = prepare_in_child(folder, tokenizer, num_proc)
+                    rows.append(
+                        {
+                            "corpus_MB": round(megabytes, 1),
+                            "files": len(files),
+                            "tokenizer": "bpe 4096" if tokenizer == "bpe" else tokenizer,
+                            "num_proc": num_proc,
+                            "seconds": round(result["seconds"], 2),
+                            "MB_per_s": round(megabytes / result["seconds"], 2),
+                            "peak_rss_MiB": round(result["rss_MiB"], 1),
+                            "worker_peak_rss_MiB": round(result["worker_rss_MiB"], 1),
+                        }
+                    )
+                    print(json.dumps(rows[-1]), file=sys.stderr)
+    return {
+        "benchmark": "prepare_large",
+        "corpus": "nanogpt.data.synthetic.write_corpus(seed=0)",
+        "machine": machine(),
         "results": rows,
     }
 
 
 def table(report: dict) -> str:
+    if report["benchmark"] == "prepare":
+        lines = [f"tiny Shakespeare ({report['source_MB']} MB), median of {report['repeats']} whole prepares"]
+        lines += [
+            f"{r['dataset']:<18}{r['tokenizer']:<10}{r['seconds']:>9.3f} s{r['MB_per_s']:>9.1f} MB/s"
+            for r in report["results"]
+        ]
+        return "\n".join(lines)
     lines = [
-        f"tiny Shakespeare ({report['source_MB']} MB), median of {report['repeats']}; "
-        f"GPT-2 BPE ranks load once in {report['gpt2_tokenizer_load_s']} s",
-        f"{'dataset':<18}{'tokenizer':<10}{'prepare s':>11}{'prepare MB/s':>14}{'encode s':>10}{'encode MB/s':>13}",
+        f"generated multi-language corpus on {report['machine']['cpu']} ({report['machine']['cpu_count']} cores)",
+        f"{'MB':>7}{'tokenizer':>11}{'proc':>6}{'seconds':>9}{'MB/s':>8}{'peak RSS MiB':>14}{'worker RSS':>12}",
     ]
     for r in report["results"]:
         lines.append(
-            f"{r['dataset']:<18}{r['tokenizer']:<10}{r['prepare_s']:>11.3f}{r['prepare_MB_per_s']:>14.1f}"
-            f"{r['encode_s']:>10.3f}{r['encode_MB_per_s']:>13.1f}"
+            f"{r['corpus_MB']:>7.1f}{r['tokenizer']:>11}{r['num_proc']:>6}{r['seconds']:>9.1f}{r['MB_per_s']:>8.1f}"
+            f"{r['peak_rss_MiB']:>14.0f}{r['worker_peak_rss_MiB']:>12.0f}"
         )
     return "\n".join(lines)
 
@@ -103,16 +168,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--source", type=Path, default=default / "tinyshakespeare" / "input.txt")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument(
+        "--large", action="store_true", help="the generated corpus instead of tiny Shakespeare"
+    )
+    parser.add_argument("--sizes_mb", default="50,200", help="--large: corpus sizes in MB")
+    parser.add_argument("--tokenizers", default="gpt2,bpe", help="--large: gpt2 and/or bpe (4096, trained)")
+    parser.add_argument("--num_procs", default="1,2", help="--large: numbers of encoding processes")
+    parser.add_argument(
         "--json", type=Path, help="write the results here (default: print them after the table)"
     )
     args = parser.parse_args(argv)
-    if not args.source.is_file():
+    if args.large:
+        ints = lambda text: [int(x) for x in text.split(",")]
+        report = run_large(ints(args.sizes_mb), args.tokenizers.split(","), ints(args.num_procs))
+    elif not args.source.is_file():
         print(
             f"tiny Shakespeare not found at {args.source}: set NANOGPT_DATA_SOURCES or --source",
             file=sys.stderr,
         )
         return 1
-    report = run(args.source, args.repeats)
+    else:
+        report = run_small(args.source, args.repeats)
     print(table(report))
     if args.json:
         write_text_atomic(args.json, json.dumps(report, indent=2) + "\n")

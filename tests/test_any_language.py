@@ -221,3 +221,34 @@ def test_end_to_end_prepare_train_sample_eval_in_another_language(tmp_path, caps
     assert cli(["eval", "--json", "--max_tokens=20000", *common]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["tokenizer"] == "bpe" and result["bits_per_byte"] < 8 * 0.6  # it learnt something
+
+
+def test_tokenizer_file_reuses_a_trained_bpe_and_a_model_refuses_other_data(folder, tmp_path, capsys):
+    """A model's BPE travels in its checkpoint; new text prepared with --tokenizer_file gets the same ids,
+    and eval refuses data prepared with another BPE."""
+    from dataclasses import asdict
+
+    from nanogpt.checkpoint import save_checkpoint
+
+    data = tmp_path / "data"
+    first = prepare_dataset("first", folder, data, "bpe", vocab_size=500, val_fraction=0.2)
+    other = _write(tmp_path / "other.txt", SCRIPTS * 50)
+    again = prepare_dataset("again", other, data, tokenizer_file=first / "bpe_tokenizer.json")
+    retrained = prepare_dataset("retrained", other, data, "bpe", vocab_size=500)
+    meta = read_meta(first)
+    assert read_meta(again)["tokenizer"] == meta["tokenizer"]  # the very same tokenizer, ranks and all
+    assert read_meta(again)["tokenizer_report"]["train_seconds"] is None
+    tok = tokenizer_from_meta(meta["tokenizer"])
+    assert load_split(again, "train").tolist() == tok.encode((SCRIPTS * 50)[: int(len(SCRIPTS) * 50 * 0.9)])
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16))
+    ckpt = {"model": model.state_dict(), "model_args": asdict(model.config), "tokenizer": meta["tokenizer"]}
+    save_checkpoint(ckpt | {"config": {"dataset": "first", "data_dir": str(data)}}, tmp_path / "out")
+    evaluate = ["eval", "--device=cpu", "--json", f"--out_dir={tmp_path / 'out'}", f"--data_dir={data}"]
+    capsys.readouterr()
+    assert cli([*evaluate, "--dataset=again"]) == 0
+    assert json.loads(capsys.readouterr().out)["tokenizer"] == "bpe"
+    assert cli([*evaluate, "--dataset=retrained"]) == 1
+    assert "prepare the data with the model's tokenizer" in capsys.readouterr().err.lower()
+    with pytest.raises(Exception, match="goes with --tokenizer bpe, without --vocab_size"):
+        prepare_dataset("x", other, data, "bpe", vocab_size=300, tokenizer_file=first / "bpe_tokenizer.json")

@@ -5,7 +5,7 @@ and learns merges); its ranks and the split pattern then build a `tiktoken.Encod
 (tokenizers.BPETokenizer). A trained tokenizer is saved as JSON, format "nanogpt-bpe" version 1, which is
 exactly its `to_meta()` (so a checkpoint carries it whole):
 
-    {"name": "bpe", "format": "nanogpt-bpe", "version": 1,
+    {"name": "bpe", "format": "nanogpt-bpe", "version": 1, "vocab_size": 2048,
      "pattern": "<the pre-tokenizer regex: text is split by it, merges never cross its pieces>",
      "special_tokens": {"<|endoftext|>": 2047},     # ids right after the last rank
      "ranks": ["AA==", "AQ==", ...]}                 # base64 of token i's bytes; i = its id = its merge rank
@@ -97,9 +97,9 @@ def show_tokens(tok: Tokenizer, text: str) -> str:
     return "|".join(units)
 
 
-def compression_report(tok: Tokenizer, sample: str, seconds: float, examples: int = 3) -> dict:
+def compression_report(tok: Tokenizer, sample: str, seconds: float | None, examples: int = 3) -> dict:
     """Tokens per byte of `sample` for `tok`, GPT-2's BPE and characters (fewer is better), and a few lines
-    of it as tokens."""
+    of it as tokens. seconds: how long training took (None: loaded, not trained)."""
     n_bytes = max(1, len(sample.encode("utf-8")))
     per_byte = {tok.name: len(tok.encode(sample)) / n_bytes}
     try:
@@ -111,7 +111,7 @@ def compression_report(tok: Tokenizer, sample: str, seconds: float, examples: in
     lines = [lines[len(lines) * i // examples] for i in range(examples)] if lines else []  # spread out
     return {
         "vocab_size": tok.vocab_size,
-        "train_seconds": round(seconds, 3),
+        "train_seconds": None if seconds is None else round(seconds, 3),
         "sample_bytes": n_bytes,
         "tokens_per_byte": {name: round(value, 4) for name, value in per_byte.items()},
         "examples": [show_tokens(tok, line) for line in lines],
@@ -120,8 +120,10 @@ def compression_report(tok: Tokenizer, sample: str, seconds: float, examples: in
 
 def format_report(report: dict) -> str:
     rates = ", ".join(f"{name} {value:.3f}" for name, value in report["tokens_per_byte"].items())
+    seconds = report["train_seconds"]
+    how = "loaded from --tokenizer_file" if seconds is None else f"trained in {seconds:.1f} s"
     lines = [
-        f"bpe: {report['vocab_size']} tokens, trained in {report['train_seconds']:.1f} s",
+        f"bpe: {report['vocab_size']} tokens, {how}",
         f"tokens per byte on val ({report['sample_bytes']:,} bytes): {rates}",
     ]
     return "\n".join(lines + [f"  {example}" for example in report["examples"]])

@@ -26,7 +26,14 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from nanogpt.data.bpe import check_vocab_size, compression_report, format_report, save_bpe, train_bpe
+from nanogpt.data.bpe import (
+    check_vocab_size,
+    compression_report,
+    format_report,
+    load_bpe,
+    save_bpe,
+    train_bpe,
+)
 from nanogpt.data.parallel import encode_in_order
 from nanogpt.data.sources import (
     ENWIK8,
@@ -139,18 +146,40 @@ def _check_val_fraction(val_fraction: float, names: tuple[str, ...]) -> None:
         )
 
 
-def _tokenizer_options(tokenizer: str, vocab_size: int | None, pattern: str | None) -> dict:
-    """What else defines the tokenizer: a BPE's vocabulary size and split pattern; {} for the others."""
+@dataclass(frozen=True)
+class _Choice:
+    """The tokenizer asked for: its name, what else defines it (meta.json's "tokenizer_options", which
+    the no-op check compares) and, with --tokenizer_file, the BPE itself (not trained again)."""
+
+    name: str
+    options: dict
+    given: Tokenizer | None = None
+
+
+def _choose_tokenizer(
+    tokenizer: str, vocab_size: int | None, pattern: str | None, tokenizer_file: str | Path | None
+) -> _Choice:
+    if tokenizer_file is not None:
+        if tokenizer != "bpe" or vocab_size is not None or pattern is not None:
+            raise NanoGPTError(
+                "--tokenizer_file gives a trained BPE: it goes with --tokenizer bpe, without --vocab_size or --pattern"
+            )
+        return _Choice(
+            "bpe", {"tokenizer_file_sha256": file_sha256(Path(tokenizer_file))}, load_bpe(tokenizer_file)
+        )
     if tokenizer != "bpe":
         if vocab_size is not None or pattern is not None:
             raise NanoGPTError("--vocab_size and --pattern are options of --tokenizer bpe")
-        return {}
+        return _Choice(tokenizer, {})
     if vocab_size is None:
-        raise NanoGPTError("--tokenizer bpe needs --vocab_size N (the tokens it learns, e.g. 4096)")
+        raise NanoGPTError(
+            "--tokenizer bpe needs --vocab_size N (the tokens it learns, e.g. 4096), or --tokenizer_file PATH "
+            "(a dataset's bpe_tokenizer.json) to encode with a BPE trained before"
+        )
     check_vocab_size(vocab_size)
     if (pattern or "gpt4") not in PATTERNS:
         raise NanoGPTError(f"unknown --pattern {pattern!r}; known: {', '.join(PATTERNS)}")
-    return {"vocab_size": int(vocab_size), "pattern": pattern or "gpt4"}
+    return _Choice("bpe", {"vocab_size": int(vocab_size), "pattern": pattern or "gpt4"})
 
 
 def _meta_header(
@@ -294,12 +323,14 @@ class _Corpus:
     chars: str  # the sorted distinct characters ("" for the byte tokenizer)
 
 
-def _scan(path: Path) -> tuple[int, set[str]]:
-    """(characters, distinct characters) of a text file: one streamed pass, which also checks it is UTF-8."""
+def _scan(path: Path, distinct: bool) -> tuple[int, set[str]]:
+    """(characters, distinct characters if asked) of a text file: one streamed pass, which also checks
+    that it is UTF-8 before any long work starts."""
     n, seen = 0, set()
     for text in read_text(path):
         n += len(text)
-        seen.update(text)
+        if distinct:  # the char tokenizer's vocabulary (the slow part of the pass: ~130 MB/s)
+            seen.update(text)
     return n, seen
 
 
@@ -314,7 +345,7 @@ def _char_offset_to_byte(path: Path, index: int) -> int:
 
 def _plan(files: list[Path], tokenizer: str, names: tuple[str, ...], val_fraction: float) -> _Corpus:
     sizes = [source_size(p) for p in files]
-    scans = [] if tokenizer == "byte" else [_scan(p) for p in files]
+    scans = [] if tokenizer == "byte" else [_scan(p, tokenizer == "char") for p in files]
     chars = "".join(sorted(set().union(*(seen for _, seen in scans))))
     if len(files) > 1:
         segments, unit = plan_by_documents(files, sizes, names, val_fraction), "documents"
@@ -354,15 +385,25 @@ def _check_alphabet(corpus: _Corpus, alphabet: str) -> None:
             n += len(text)
 
 
-def _train_bpe(corpus: _Corpus, options: dict, num_proc: int) -> tuple[Tokenizer, dict]:
-    """A BPE trained on the train split, and its report (tokens per byte on val against GPT-2 and characters)."""
-    train = [seg for seg in corpus.segments if seg.split == "train"]
-    total = sum(seg.end - seg.start for seg in train)
-    start = time.perf_counter()
-    with tqdm(total=total, unit="B", unit_scale=True, desc="train bpe", delay=2) as bar:
-        texts = (bar.update(size) or piece for (_, _, size), piece in _pieces(train, "bpe"))
-        tok = train_bpe(texts, options["vocab_size"], options["pattern"], num_threads=num_proc)
-    seconds = time.perf_counter() - start
+def _bpe(corpus: _Corpus, choice: _Choice, num_proc: int) -> tuple[Tokenizer, dict]:
+    """The BPE (trained on the train split, or the one given) and its report: tokens per byte on val
+    against GPT-2 and characters, a few lines as tokens."""
+    tok, seconds = choice.given, None
+    if tok is None:
+        train = [seg for seg in corpus.segments if seg.split == "train"]
+        start = time.perf_counter()
+        with tqdm(
+            total=sum(s.end - s.start for s in train), unit="B", unit_scale=True, desc="train bpe", delay=2
+        ) as bar:
+            texts = (bar.update(size) or piece for (_, _, size), piece in _pieces(train, "bpe"))
+            tok = train_bpe(
+                texts, choice.options["vocab_size"], choice.options["pattern"], num_threads=num_proc
+            )
+        seconds = time.perf_counter() - start
+        if tok.vocab_size < choice.options["vocab_size"]:
+            print(
+                f"note: the train split allowed only {tok.vocab_size} tokens ({choice.options['vocab_size']} asked)"
+            )
     sample = ""
     for _, piece in _pieces([seg for seg in corpus.segments if seg.split != "train"], "bpe"):
         sample += piece
@@ -370,8 +411,6 @@ def _train_bpe(corpus: _Corpus, options: dict, num_proc: int) -> tuple[Tokenizer
             break
     report = compression_report(tok, sample[:_REPORT_SAMPLE], seconds)
     print(format_report(report))
-    if tok.vocab_size < options["vocab_size"]:
-        print(f"note: the train split allowed only {tok.vocab_size} tokens ({options['vocab_size']} asked)")
     return tok, report
 
 
@@ -394,40 +433,40 @@ def _prepare_text(
     name: str,
     spec: DatasetSpec,
     files: list[Path],
-    tokenizer: str,
-    options: dict,
+    choice: _Choice,
     val_fraction: float,
     out: Path,
     num_proc: int | None,
 ) -> Path:
-    unit = "bytes" if tokenizer == "byte" else "characters"
+    unit = "bytes" if choice.name == "byte" else "characters"
     split = {
         "val_fraction": val_fraction,
         "names": list(spec.splits),
         "unit": "documents" if len(files) > 1 else unit,
     }
-    meta = _meta_header(name, [str(p) for p in files], sources_sha256(files), tokenizer, options, split)
+    sha256 = sources_sha256(files)
+    meta = _meta_header(name, [str(p) for p in files], sha256, choice.name, choice.options, split)
     if _up_to_date(out, meta):
         print(f"{name}: up to date ({out})")
         return out
-    corpus = _plan(files, tokenizer, spec.splits, val_fraction)
+    corpus = _plan(files, choice.name, spec.splits, val_fraction)
     if spec.alphabet:
         _check_alphabet(corpus, spec.alphabet)
     num_proc = num_proc or os.cpu_count() or 1
     workers = max(1, min(num_proc, -(-corpus.n_bytes // _PIECE)))  # no more processes than pieces
-    if tokenizer == "char":
+    if choice.name == "char":
         tok = CharTokenizer(spec.alphabet or corpus.chars)
-    elif tokenizer == "bpe":
-        tok, meta["tokenizer_report"] = _train_bpe(corpus, options, num_proc)
+    elif choice.name == "bpe":
+        tok, meta["tokenizer_report"] = _bpe(corpus, choice, num_proc)
     else:
-        tok = get_tokenizer(tokenizer)
+        tok = get_tokenizer(choice.name)
     meta["split"] |= {"rule": split_rule(spec.splits, val_fraction, corpus.unit)}
     if corpus.unit == "documents":
         meta["split"]["documents"] = {s: sum(seg.split == s for seg in corpus.segments) for s in spec.splits}
     else:
         meta["split"]["ranges"] = {seg.split: [seg.start, seg.end] for seg in corpus.segments}
     with _staged(out) as folder:
-        items = _encoded(corpus, tok, tokenizer, workers, f"tokenize {name} ({workers} proc)")
+        items = _encoded(corpus, tok, choice.name, workers, f"tokenize {name} ({workers} proc)")
         counts = _write_tokens(folder, spec.splits, items, token_dtype(tok.vocab_size))
         meta = _finish(folder, meta, tok, counts)
     return _announce(meta, out)
@@ -480,6 +519,7 @@ def prepare_dataset(
     vocab_size: int | None = None,
     pattern: str | None = None,
     num_proc: int | None = None,
+    tokenizer_file: str | Path | None = None,
 ) -> Path:
     """Prepare dataset `name` into DATA_DIR/NAME and return that folder.
 
@@ -487,20 +527,22 @@ def prepare_dataset(
     DATASETS); `tokenizer`: char | gpt2 | byte | bpe instead of the dataset's own; `val_fraction`: the share
     of the corpus in val (and in test, where there is one), None: the dataset's default; `vocab_size`,
     `pattern` ("gpt4" default, or "gpt2"): the BPE to train (--tokenizer bpe); `num_proc`: encoding
-    processes (default: every core).
+    processes (default: every core); `tokenizer_file`: a BPE trained before (a dataset's
+    bpe_tokenizer.json) to encode with instead of training one.
     """
+    tokenizer = tokenizer or ("bpe" if tokenizer_file is not None else None)
     spec = _spec(name, source, tokenizer)
     tokenizer = tokenizer or spec.tokenizer
     if tokenizer not in TOKENIZERS:
         raise NanoGPTError(f"unknown tokenizer {tokenizer!r}; known: {', '.join(TOKENIZERS)}")
-    options = _tokenizer_options(tokenizer, vocab_size, pattern)
+    choice = _choose_tokenizer(tokenizer, vocab_size, pattern, tokenizer_file)
     val_fraction = spec.val_fraction if val_fraction is None else float(val_fraction)
     _check_val_fraction(val_fraction, spec.splits)
     out = (Path(data_dir) / name).resolve()  # a symlinked dataset folder is replaced where it really is
     if spec.hub is not None:
         return _prepare_documents(name, spec, source, tokenizer, val_fraction, out, num_proc)
     files = source_files(source) if source is not None else [fetch(spec.raw)]
-    return _prepare_text(name, spec, files, tokenizer, options, val_fraction, out, num_proc)
+    return _prepare_text(name, spec, files, choice, val_fraction, out, num_proc)
 
 
 def ensure_prepared(name: str, data_dir: str | Path) -> Path:
@@ -540,6 +582,11 @@ def _parser() -> argparse.ArgumentParser:
         "--pattern", choices=list(PATTERNS), help="--tokenizer bpe: split pattern (default gpt4)"
     )
     parser.add_argument("--num_proc", "--num-proc", type=int, help="encoding processes (default: every core)")
+    parser.add_argument(
+        "--tokenizer_file",
+        "--tokenizer-file",
+        help="encode with this trained BPE (DATA_DIR/OTHER/bpe_tokenizer.json) instead of training one",
+    )
     return parser
 
 
@@ -554,5 +601,6 @@ def main(argv: list[str]) -> int:
         args.vocab_size,
         args.pattern,
         args.num_proc,
+        args.tokenizer_file,
     )
     return 0

@@ -341,13 +341,19 @@ class BPETokenizer(_TiktokenBPE):
                 f"(this nanogpt reads {BPE_FORMAT!r} version {BPE_VERSION})"
             )
         ranks = [base64.b64decode(token) for token in meta["ranks"]]
-        return cls(ranks, meta["pattern"], {str(k): int(v) for k, v in meta["special_tokens"].items()})
+        tok = cls(ranks, meta["pattern"], {str(k): int(v) for k, v in meta["special_tokens"].items()})
+        if meta.get("vocab_size", tok.vocab_size) != tok.vocab_size:
+            raise NanoGPTError(
+                f"a BPE description says {meta['vocab_size']} tokens but holds {tok.vocab_size}"
+            )
+        return tok
 
     def to_meta(self) -> dict:
         return {
             "name": self.name,
             "format": BPE_FORMAT,
             "version": BPE_VERSION,
+            "vocab_size": self.vocab_size,  # the ranks and special tokens, counted (for people and tools)
             "pattern": self.pattern,
             "special_tokens": self.special_tokens,
             "ranks": [base64.b64encode(token).decode("ascii") for token in self.ranks],
