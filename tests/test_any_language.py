@@ -234,7 +234,7 @@ def test_tokenizer_file_reuses_a_trained_bpe_and_a_model_refuses_other_data(fold
     first = prepare_dataset("first", folder, data, "bpe", vocab_size=500, val_fraction=0.2)
     other = _write(tmp_path / "other.txt", SCRIPTS * 50)
     again = prepare_dataset("again", other, data, tokenizer_file=first / "bpe_tokenizer.json")
-    retrained = prepare_dataset("retrained", other, data, "bpe", vocab_size=500)
+    prepare_dataset("retrained", other, data, "bpe", vocab_size=500)
     meta = read_meta(first)
     assert read_meta(again)["tokenizer"] == meta["tokenizer"]  # the very same tokenizer, ranks and all
     assert read_meta(again)["tokenizer_report"]["train_seconds"] is None
