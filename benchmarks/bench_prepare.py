@@ -106,8 +106,9 @@ def prepare_in_child(source: Path, tokenizer: str, num_proc: int) -> dict:
             capture_output=True,
             text=True,
             env=env,
-            check=True,
         )
+    if done.returncode:
+        raise SystemExit(f"prepare failed ({tokenizer}, {num_proc} proc):\n{done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
