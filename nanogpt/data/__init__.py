@@ -3,6 +3,7 @@
 from nanogpt.data.loader import BatchLoader, load_split, read_meta, sequential_batches
 from nanogpt.data.prepare import DATASETS, prepare_dataset
 from nanogpt.data.tokenizers import (
+    BPETokenizer,
     ByteTokenizer,
     CharTokenizer,
     GPT2Tokenizer,
@@ -13,6 +14,7 @@ from nanogpt.data.tokenizers import (
 
 __all__ = [
     "DATASETS",
+    "BPETokenizer",
     "BatchLoader",
     "ByteTokenizer",
     "CharTokenizer",

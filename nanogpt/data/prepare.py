@@ -12,14 +12,10 @@ Re-running on an unchanged source (same sha256, tokenizer, options and split) is
 from __future__ import annotations
 
 import argparse
-import contextlib
-import errno
 import json
 import os
-import shutil
-import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,10 +41,10 @@ from nanogpt.data.sources import (
     read_blocks,
     read_text,
     source_files,
-    source_size,
     sources_sha256,
 )
-from nanogpt.data.splits import Segment, plan_by_documents, plan_by_position, split_bounds, split_rule
+from nanogpt.data.splits import Corpus, Segment, plan_corpus, split_rule
+from nanogpt.data.staging import BPE_FILE, staged, write_tokens
 from nanogpt.data.tokenizers import (
     PATTERNS,
     TOKENIZERS,
@@ -65,8 +61,6 @@ from nanogpt.files import write_text_atomic
 FORMAT = 1  # meta.json's layout version; a prepared folder of another version is prepared again
 _PIECE = 1 << 20  # characters (or bytes) per piece a worker encodes: bounds memory, paces the progress bar
 _REPORT_SAMPLE = 1 << 20  # characters of val on which the BPE report counts tokens per byte
-BPE_FILE = "bpe_tokenizer.json"  # a trained BPE, beside the bins (nanogpt/data/bpe.py: its format)
-OWN_FILES = {"meta.json", BPE_FILE, "train.bin", "val.bin", "test.bin"}  # what a re-prepare replaces
 
 
 @dataclass(frozen=True)
@@ -222,72 +216,6 @@ def _up_to_date(out: Path, wanted: dict) -> bool:
     return _identity(meta) == _identity(wanted)
 
 
-@contextlib.contextmanager
-def _fs_errors(where: Path) -> Iterator[None]:
-    """A fault while writing `where` as one line (sources are read through sources.read_blocks, whose
-    faults say so themselves)."""
-    try:
-        yield
-    except OSError as e:
-        reasons = {
-            errno.ENOSPC: f"no space left on device while writing {where}",
-            errno.EDQUOT: f"disk quota exceeded while writing {where}",
-            errno.EROFS: f"cannot write to {where}: read-only file system",
-            errno.EACCES: f"cannot write to {where}: permission denied",
-            errno.EPERM: f"cannot write to {where}: permission denied",
-        }
-        if e.errno not in reasons:
-            raise
-        raise NanoGPTError(reasons[e.errno]) from None
-
-
-def _replace_folder(new: Path, out: Path) -> None:
-    """Put the complete dataset `new` where `out` is. Files of your own in the old folder move to the new one."""
-    if not out.exists():
-        os.rename(new, out)
-        return
-    for entry in out.iterdir():
-        if entry.name not in OWN_FILES:
-            os.rename(entry, new / entry.name)
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    shutil.rmtree(old, ignore_errors=True)
-    os.rename(out, old)  # from here to the next line (microseconds) there is no DATA_DIR/NAME
-    os.rename(new, out)
-    shutil.rmtree(old)
-
-
-@contextlib.contextmanager
-def _staged(out: Path) -> Iterator[Path]:
-    """A temporary folder beside `out` to write the new dataset into; on success it replaces `out`, on
-    any error or interrupt it is deleted and `out` is untouched."""
-    for path in (out.parent, out):
-        if path.exists() and not path.is_dir():
-            raise NanoGPTError(f"cannot write the dataset to {out}: {path} is a file, not a folder")
-    with _fs_errors(out.parent):
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.new-", dir=out.parent))
-    try:
-        with _fs_errors(out):
-            yield tmp
-        with _fs_errors(out):
-            _replace_folder(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _write_tokens(
-    folder: Path, names: tuple[str, ...], items: Iterable[tuple[str, np.ndarray]], dtype
-) -> dict:
-    """Append each (split, ids) to folder/SPLIT.bin as `dtype`; the token count of each split."""
-    counts = dict.fromkeys(names, 0)
-    with contextlib.ExitStack() as stack:
-        files = {split: stack.enter_context(open(folder / f"{split}.bin", "wb")) for split in names}
-        for split, ids in items:
-            files[split].write(np.ascontiguousarray(ids, dtype=dtype).data)
-            counts[split] += len(ids)
-    return counts
-
-
 def _finish(folder: Path, meta: dict, tok: Tokenizer, counts: dict[str, int]) -> dict:
     """meta.json (and a BPE's tokenizer file) into the staged folder."""
     tokenizer = tok.to_meta()
@@ -314,53 +242,6 @@ def _announce(meta: dict, out: Path) -> Path:
 # --- text files: plan the splits, build the tokenizer, encode in parallel ---
 
 
-@dataclass(frozen=True)
-class _Corpus:
-    files: list[Path]
-    segments: list[Segment]  # in tokenizing order: train, then val (then test)
-    unit: str  # what the split counts: "characters", "bytes" or "documents"
-    n_bytes: int
-    chars: str  # the sorted distinct characters ("" for the byte tokenizer)
-
-
-def _scan(path: Path, distinct: bool) -> tuple[int, set[str]]:
-    """(characters, distinct characters if asked) of a text file: one streamed pass, which also checks
-    that it is UTF-8 before any long work starts."""
-    n, seen = 0, set()
-    for text in read_text(path):
-        n += len(text)
-        if distinct:  # the char tokenizer's vocabulary (the slow part of the pass: ~130 MB/s)
-            seen.update(text)
-    return n, seen
-
-
-def _char_offset_to_byte(path: Path, index: int) -> int:
-    position = n = 0
-    for text in read_text(path):
-        if n + len(text) >= index:
-            return position + len(text[: index - n].encode("utf-8"))
-        n, position = n + len(text), position + len(text.encode("utf-8"))
-    return position
-
-
-def _plan(files: list[Path], tokenizer: str, names: tuple[str, ...], val_fraction: float) -> _Corpus:
-    sizes = [source_size(p) for p in files]
-    scans = [] if tokenizer == "byte" else [_scan(p, tokenizer == "char") for p in files]
-    chars = "".join(sorted(set().union(*(seen for _, seen in scans))))
-    if len(files) > 1:
-        segments, unit = plan_by_documents(files, sizes, names, val_fraction), "documents"
-    elif tokenizer == "byte":
-        segments, unit = (
-            plan_by_position(files[0], split_bounds(sizes[0], names, val_fraction)),
-            "bytes",
-        )
-    else:
-        bounds = split_bounds(scans[0][0], names, val_fraction)
-        in_bytes = {s: tuple(_char_offset_to_byte(files[0], i) for i in b) for s, b in bounds.items()}
-        segments, unit = plan_by_position(files[0], in_bytes), "characters"
-    return _Corpus(files, segments, unit, sum(sizes), chars)
-
-
 def _pieces(segments: list[Segment], tokenizer: str) -> Iterator[tuple[tuple[str, bool, int], str | bytes]]:
     """((split, first piece of its document, bytes), piece) for every piece of the segments, in order."""
     for seg in segments:
@@ -370,7 +251,7 @@ def _pieces(segments: list[Segment], tokenizer: str) -> Iterator[tuple[tuple[str
             yield (seg.split, i == 0, len(piece) if raw else len(piece.encode("utf-8"))), piece
 
 
-def _check_alphabet(corpus: _Corpus, alphabet: str) -> None:
+def _check_alphabet(corpus: Corpus, alphabet: str) -> None:
     """Name the first character of the corpus outside a fixed alphabet, and where it is."""
     if not set(corpus.chars) - set(alphabet):
         return
@@ -385,7 +266,7 @@ def _check_alphabet(corpus: _Corpus, alphabet: str) -> None:
             n += len(text)
 
 
-def _bpe(corpus: _Corpus, choice: _Choice, num_proc: int) -> tuple[Tokenizer, dict]:
+def _bpe(corpus: Corpus, choice: _Choice, num_proc: int) -> tuple[Tokenizer, dict]:
     """The BPE (trained on the train split, or the one given) and its report: tokens per byte on val
     against GPT-2 and characters, a few lines as tokens."""
     tok, seconds = choice.given, None
@@ -415,7 +296,7 @@ def _bpe(corpus: _Corpus, choice: _Choice, num_proc: int) -> tuple[Tokenizer, di
 
 
 def _encoded(
-    corpus: _Corpus, tok: Tokenizer, tokenizer: str, num_proc: int, desc: str
+    corpus: Corpus, tok: Tokenizer, tokenizer: str, num_proc: int, desc: str
 ) -> Iterator[tuple[str, np.ndarray]]:
     """(split, ids) in order, with one eot between the documents of a split where the tokenizer has one."""
     eot = None if tok.eot is None else np.array([tok.eot])
@@ -449,7 +330,7 @@ def _prepare_text(
     if _up_to_date(out, meta):
         print(f"{name}: up to date ({out})")
         return out
-    corpus = _plan(files, choice.name, spec.splits, val_fraction)
+    corpus = plan_corpus(files, choice.name, spec.splits, val_fraction)
     if spec.alphabet:
         _check_alphabet(corpus, spec.alphabet)
     num_proc = num_proc or os.cpu_count() or 1
@@ -465,9 +346,9 @@ def _prepare_text(
         meta["split"]["documents"] = {s: sum(seg.split == s for seg in corpus.segments) for s in spec.splits}
     else:
         meta["split"]["ranges"] = {seg.split: [seg.start, seg.end] for seg in corpus.segments}
-    with _staged(out) as folder:
+    with staged(out) as folder:
         items = _encoded(corpus, tok, choice.name, workers, f"tokenize {name} ({workers} proc)")
-        counts = _write_tokens(folder, spec.splits, items, token_dtype(tok.vocab_size))
+        counts = write_tokens(folder, spec.splits, items, token_dtype(tok.vocab_size))
         meta = _finish(folder, meta, tok, counts)
     return _announce(meta, out)
 
@@ -504,8 +385,8 @@ def _prepare_documents(
         "rule": f"documents shuffled (seed {hf_corpus.SPLIT_SEED}), {val_fraction:.4%} of them to val",
         "documents": {s: len(d) for s, d in tokenized.items()},
     }
-    with _staged(out) as folder:
-        counts = _write_tokens(folder, spec.splits, items, token_dtype(tok.vocab_size))
+    with staged(out) as folder:
+        counts = write_tokens(folder, spec.splits, items, token_dtype(tok.vocab_size))
         meta = _finish(folder, meta, tok, counts)
     return _announce(meta, out)
 

@@ -1,7 +1,7 @@
 """Which text goes to train, val (and test): a single file by position, a folder of files by document.
 
-A plan is a list of Segments, byte ranges of source files in the order they are tokenized: all of train,
-then val, then test. A single file is cut by characters (by bytes for the byte tokenizer): nanoGPT's first
+A plan (plan_corpus: one streamed pass over the text, which also checks it is UTF-8) is a list of
+Segments, byte ranges of source files in the order they are tokenized: all of train, then val, then test. A single file is cut by characters (by bytes for the byte tokenizer): nanoGPT's first
 90% / last 10%, so tiny Shakespeare gives its known 1,003,854 / 111,540. A source of several files is split
 by whole files (documents): no document is cut between train and val.
 """
@@ -12,6 +12,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from nanogpt.data.sources import read_text, source_size
 from nanogpt.errors import NanoGPTError
 
 DOCUMENT_SEED = 1337  # the documents' order when choosing which go to val: the same for every run
@@ -86,3 +87,50 @@ def plan_by_documents(
                 "by position)"
             )
     return [Segment(split, files[i], 0, sizes[i]) for split in splits for i in sorted(chosen[split])]
+
+
+@dataclass(frozen=True)
+class Corpus:
+    files: list[Path]
+    segments: list[Segment]  # in tokenizing order: train, then val (then test)
+    unit: str  # what the split counts: "characters", "bytes" or "documents"
+    n_bytes: int
+    chars: str  # the sorted distinct characters ("" for the byte tokenizer)
+
+
+def _scan(path: Path, distinct: bool) -> tuple[int, set[str]]:
+    """(characters, distinct characters if asked) of a text file: one streamed pass, which also checks
+    that it is UTF-8 before any long work starts."""
+    n, seen = 0, set()
+    for text in read_text(path):
+        n += len(text)
+        if distinct:  # the char tokenizer's vocabulary (the slow part of the pass: ~130 MB/s)
+            seen.update(text)
+    return n, seen
+
+
+def _char_offset_to_byte(path: Path, index: int) -> int:
+    position = n = 0
+    for text in read_text(path):
+        if n + len(text) >= index:
+            return position + len(text[: index - n].encode("utf-8"))
+        n, position = n + len(text), position + len(text.encode("utf-8"))
+    return position
+
+
+def plan_corpus(files: list[Path], tokenizer: str, names: tuple[str, ...], val_fraction: float) -> Corpus:
+    sizes = [source_size(p) for p in files]
+    scans = [] if tokenizer == "byte" else [_scan(p, tokenizer == "char") for p in files]
+    chars = "".join(sorted(set().union(*(seen for _, seen in scans))))
+    if len(files) > 1:
+        segments, unit = plan_by_documents(files, sizes, names, val_fraction), "documents"
+    elif tokenizer == "byte":
+        segments, unit = (
+            plan_by_position(files[0], split_bounds(sizes[0], names, val_fraction)),
+            "bytes",
+        )
+    else:
+        bounds = split_bounds(scans[0][0], names, val_fraction)
+        in_bytes = {s: tuple(_char_offset_to_byte(files[0], i) for i in b) for s, b in bounds.items()}
+        segments, unit = plan_by_position(files[0], in_bytes), "characters"
+    return Corpus(files, segments, unit, sum(sizes), chars)

@@ -1,0 +1,88 @@
+"""Write a dataset folder whole or not at all: into a temporary folder beside it, swapped in once complete.
+
+A failed, interrupted (Ctrl-C, kill) or full-disk prepare leaves the old dataset exactly as it was, and
+file-system faults become one line that says where ("no space left on device while writing PATH").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+from nanogpt.errors import NanoGPTError
+
+BPE_FILE = "bpe_tokenizer.json"  # a trained BPE, beside the bins (nanogpt/data/bpe.py: its format)
+OWN_FILES = {"meta.json", BPE_FILE, "train.bin", "val.bin", "test.bin"}  # what a re-prepare replaces
+
+
+@contextlib.contextmanager
+def fs_errors(where: Path) -> Iterator[None]:
+    """A fault while writing `where` as one line (sources are read through sources.read_blocks, whose
+    faults say so themselves)."""
+    try:
+        yield
+    except OSError as e:
+        reasons = {
+            errno.ENOSPC: f"no space left on device while writing {where}",
+            errno.EDQUOT: f"disk quota exceeded while writing {where}",
+            errno.EROFS: f"cannot write to {where}: read-only file system",
+            errno.EACCES: f"cannot write to {where}: permission denied",
+            errno.EPERM: f"cannot write to {where}: permission denied",
+        }
+        if e.errno not in reasons:
+            raise
+        raise NanoGPTError(reasons[e.errno]) from None
+
+
+def replace_folder(new: Path, out: Path) -> None:
+    """Put the complete dataset `new` where `out` is. Files of your own in the old folder move to the new one."""
+    if not out.exists():
+        os.rename(new, out)
+        return
+    for entry in out.iterdir():
+        if entry.name not in OWN_FILES:
+            os.rename(entry, new / entry.name)
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    shutil.rmtree(old, ignore_errors=True)
+    os.rename(out, old)  # from here to the next line (microseconds) there is no DATA_DIR/NAME
+    os.rename(new, out)
+    shutil.rmtree(old)
+
+
+@contextlib.contextmanager
+def staged(out: Path) -> Iterator[Path]:
+    """A temporary folder beside `out` to write the new dataset into; on success it replaces `out`, on
+    any error or interrupt it is deleted and `out` is untouched."""
+    for path in (out.parent, out):
+        if path.exists() and not path.is_dir():
+            raise NanoGPTError(f"cannot write the dataset to {out}: {path} is a file, not a folder")
+    with fs_errors(out.parent):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.new-", dir=out.parent))
+    try:
+        with fs_errors(out):
+            yield tmp
+        with fs_errors(out):
+            replace_folder(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_tokens(
+    folder: Path, names: tuple[str, ...], items: Iterable[tuple[str, np.ndarray]], dtype
+) -> dict:
+    """Append each (split, ids) to folder/SPLIT.bin as `dtype`; the token count of each split."""
+    counts = dict.fromkeys(names, 0)
+    with contextlib.ExitStack() as stack:
+        files = {split: stack.enter_context(open(folder / f"{split}.bin", "wb")) for split in names}
+        for split, ids in items:
+            files[split].write(np.ascontiguousarray(ids, dtype=dtype).data)
+            counts[split] += len(ids)
+    return counts
