@@ -266,6 +266,13 @@ def _check_alphabet(corpus: Corpus, alphabet: str) -> None:
             n += len(text)
 
 
+def _counted(pieces: Iterator[tuple[tuple, str]], bar: tqdm) -> Iterator[str]:
+    """The pieces' text, moving the progress bar by their bytes."""
+    for (_, _, size), piece in pieces:
+        bar.update(size)
+        yield piece
+
+
 def _bpe(corpus: Corpus, choice: _Choice, num_proc: int) -> tuple[Tokenizer, dict]:
     """The BPE (trained on the train split, or the one given) and its report: tokens per byte on val
     against GPT-2 and characters, a few lines as tokens."""
@@ -276,7 +283,7 @@ def _bpe(corpus: Corpus, choice: _Choice, num_proc: int) -> tuple[Tokenizer, dic
         with tqdm(
             total=sum(s.end - s.start for s in train), unit="B", unit_scale=True, desc="train bpe", delay=2
         ) as bar:
-            texts = (bar.update(size) or piece for (_, _, size), piece in _pieces(train, "bpe"))
+            texts = _counted(_pieces(train, "bpe"), bar)
             tok = train_bpe(
                 texts, choice.options["vocab_size"], choice.options["pattern"], num_threads=num_proc
             )
