@@ -9,7 +9,10 @@ and GPT-2 BPE, the median of --repeats whole `prepare_dataset` runs after one wa
 --large: a generated multi-language corpus (nanogpt.data.synthetic, seeded; written to a temporary folder,
 never kept) of each --sizes_mb, prepared with each tokenizer (GPT-2 BPE; a BPE of 4096 trained on it) by
 each number of --num_procs. Every run is a fresh child process, which reports its seconds and its peak RSS
-and that of its worker processes (the largest one): memory must not grow with the corpus.
+and that of its worker processes (the largest one): memory must not grow with the corpus. It also
+reports the CPU seconds of all its processes (after the imports), which a busy machine
+inflates far less than the wall-clock time: equal CPU seconds at 1 and N processes mean the work splits
+without overhead, and on N idle cores the wall-clock time would fall by about N.
 """
 
 from __future__ import annotations
@@ -41,12 +44,14 @@ import json, resource, sys, time
 from nanogpt.data.prepare import prepare_dataset
 source, out, tokenizer, num_proc = sys.argv[1:5]
 options = {"vocab_size": 4096} if tokenizer == "bpe" else {}
+cpu = lambda u: u.ru_utime + u.ru_stime
+imported = cpu(resource.getrusage(resource.RUSAGE_SELF))
 start = time.perf_counter()
 prepare_dataset("bench", source, out, tokenizer, num_proc=int(num_proc), **options)
 seconds = time.perf_counter() - start
-kib = lambda who: resource.getrusage(who).ru_maxrss
-print(json.dumps({"seconds": seconds, "rss_MiB": kib(resource.RUSAGE_SELF) / 1024,
-                  "worker_rss_MiB": kib(resource.RUSAGE_CHILDREN) / 1024}))
+me, workers = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+print(json.dumps({"seconds": seconds, "cpu_seconds": cpu(me) - imported + cpu(workers),
+                  "rss_MiB": me.ru_maxrss / 1024, "worker_rss_MiB": workers.ru_maxrss / 1024}))
 """
 
 
@@ -130,6 +135,7 @@ def run_large(sizes_mb: list[int], tokenizers: list[str], num_procs: list[int]) 
                             "num_proc": num_proc,
                             "seconds": round(result["seconds"], 2),
                             "MB_per_s": round(megabytes / result["seconds"], 2),
+                            "cpu_seconds": round(result["cpu_seconds"], 2),
                             "peak_rss_MiB": round(result["rss_MiB"], 1),
                             "worker_peak_rss_MiB": round(result["worker_rss_MiB"], 1),
                         }
@@ -153,11 +159,12 @@ def table(report: dict) -> str:
         return "\n".join(lines)
     lines = [
         f"generated multi-language corpus on {report['machine']['cpu']} ({report['machine']['cpu_count']} cores)",
-        f"{'MB':>7}{'tokenizer':>11}{'proc':>6}{'seconds':>9}{'MB/s':>8}{'peak RSS MiB':>14}{'worker RSS':>12}",
+        f"{'MB':>7}{'tokenizer':>11}{'proc':>6}{'seconds':>9}{'MB/s':>8}{'CPU s':>8}{'peak RSS MiB':>14}{'worker RSS':>12}",
     ]
     for r in report["results"]:
         lines.append(
             f"{r['corpus_MB']:>7.1f}{r['tokenizer']:>11}{r['num_proc']:>6}{r['seconds']:>9.1f}{r['MB_per_s']:>8.1f}"
+            f"{r.get('cpu_seconds', float('nan')):>8.1f}"
             f"{r['peak_rss_MiB']:>14.0f}{r['worker_peak_rss_MiB']:>12.0f}"
         )
     return "\n".join(lines)
