@@ -147,6 +147,15 @@ async def pieces_of(job: Job) -> AsyncIterator[list[Piece]]:
         job.cancelled = True
 
 
+def merged(pieces: list[Piece]) -> list[Piece]:
+    """The pieces of each completion joined into one (its text in order; its finish comes last)."""
+    by_index: dict[int, Piece] = {}
+    for p in pieces:
+        q = by_index.get(p.index)
+        by_index[p.index] = p if q is None else Piece(p.index, q.text + p.text, p.finish, p.tokens)
+    return list(by_index.values())
+
+
 class Api:
     """The endpoints' logic, on a State."""
 
@@ -244,6 +253,7 @@ class Api:
                 if p.finish == "error":
                     yield sse(ApiError(500, p.text, code="decoding_failed").body())
                     return
+            for p in merged(pieces):  # a client that reads slower than the model gets fewer, longer chunks
                 if p.text:
                     yield sse(
                         reply.chunk([reply.choice(p.index, p.text, None, delta=True)], None, with_usage)
