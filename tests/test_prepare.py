@@ -321,6 +321,14 @@ def test_canonical_source_is_checked_and_download_is_cached(tmp_path, monkeypatc
             "val_fraction 1.5 leaves no text for train: val take",
         ),
         (["enwik8", "--val_fraction", "0.5"], "so it must be below 0.5"),
+        (
+            ["mine", "--source", "{tmp}/latin1.txt", "--tokenizer_file", "{tmp}/none.json"],
+            "cannot read the BPE tokenizer .*none",
+        ),
+        (
+            ["mine", "--source", "{tmp}/latin1.txt", "--tokenizer_file", "{tmp}/empty.txt"],
+            "cannot read the BPE tokenizer .*empty",
+        ),
         (["openwebtext", "--source", "{tmp}/latin1.txt", "--tokenizer", "char"], "it needs --tokenizer gpt2"),
     ],
 )
@@ -400,3 +408,65 @@ def test_fineweb_from_parquet_tokenized_by_two_processes(tmp_path, hf_datasets):
     documents = _documents_of(got[0], tok.eot) + _documents_of(got[1], tok.eot)
     assert sorted(documents) == sorted(tok.encode(doc) + [tok.eot] for doc in DOCS)
     assert len(_documents_of(got[1], tok.eot)) == 10
+
+
+def test_ctrl_c_during_a_parallel_re_prepare_keeps_the_old_dataset(tmp_path):
+    """Ctrl-C reaches the whole process group (the workers too): exit 130, no traceback, the old dataset
+    and nothing else in data_dir, no worker left behind."""
+    import signal
+    import sys
+    import time
+
+    from nanogpt.data.synthetic import write_corpus
+
+    data = tmp_path / "data"
+    small = tmp_path / "small.txt"
+    small.write_text("old text\n" * 1000)
+    prepare_dataset("mine", source=small, data_dir=data, tokenizer="gpt2")
+    before = _folder_hash(data / "mine")
+    write_corpus(tmp_path / "big", 12_000_000, seed=0, docs_per_file=100)
+    argv = ["prepare", "mine", "--source", str(tmp_path / "big"), "--tokenizer", "gpt2", "--num_proc", "2"]
+    child = subprocess.Popen(
+        [sys.executable, "-m", "nanogpt", *argv, "--data_dir", str(data)],
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, as a terminal's foreground job
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    deadline = time.monotonic() + 60
+    while not any(p.name.startswith(".mine.new-") for p in data.iterdir()):  # tokenizing has started
+        assert child.poll() is None and time.monotonic() < deadline, child.stderr.read()
+        time.sleep(0.05)
+    time.sleep(0.5)
+    os.killpg(child.pid, signal.SIGINT)
+    assert child.wait(timeout=60) == 130
+    err = child.stderr.read()
+    assert "Traceback" not in err and err.rstrip().endswith("interrupted"), err
+    assert sorted(p.name for p in data.iterdir()) == ["mine"]
+    assert _folder_hash(data / "mine") == before
+    leftover = subprocess.run(["pgrep", "-g", str(child.pid)], capture_output=True, text=True).stdout
+    assert not leftover.strip(), leftover
+
+
+@pytest.mark.parametrize("block", [1, 3, 7, 1 << 22])
+def test_non_utf8_byte_located_exactly_whatever_the_block_edges(tmp_path, monkeypatch, capsys, block):
+    """Issue 13 item 12: the streamed decoder names the file, offset, line and column of the first bad
+    byte, however the blocks cut the multi-byte characters before it; one line, exit 1, nothing written."""
+    monkeypatch.setattr(sources, "BLOCK", block)
+    good = "Ça déjà vu 😀\nПривет, мир\n日本語\n".encode()
+    (tmp_path / "bad.txt").write_bytes(good + "ab\xff".encode("latin-1") + b"cd\n")
+    argv = [
+        "prepare",
+        "bad",
+        "--source",
+        str(tmp_path / "bad.txt"),
+        "--tokenizer",
+        "bpe",
+        "--vocab_size",
+        "300",
+    ]
+    assert cli.main([*argv, "--data_dir", str(tmp_path / "data")]) == 1
+    err = capsys.readouterr().err
+    where = f"byte b'\\xff' at offset {len(good) + 2} (line 4, column 3): invalid start byte"
+    assert err.count("\n") == 1 and where in err, err
+    assert not (tmp_path / "data").exists() or not list((tmp_path / "data").iterdir())

@@ -158,9 +158,8 @@ def _choose_tokenizer(
             raise NanoGPTError(
                 "--tokenizer_file gives a trained BPE: it goes with --tokenizer bpe, without --vocab_size or --pattern"
             )
-        return _Choice(
-            "bpe", {"tokenizer_file_sha256": file_sha256(Path(tokenizer_file))}, load_bpe(tokenizer_file)
-        )
+        given = load_bpe(tokenizer_file)  # first: it says clearly when the file is missing or not a BPE
+        return _Choice("bpe", {"tokenizer_file_sha256": file_sha256(Path(tokenizer_file))}, given)
     if tokenizer != "bpe":
         if vocab_size is not None or pattern is not None:
             raise NanoGPTError("--vocab_size and --pattern are options of --tokenizer bpe")
