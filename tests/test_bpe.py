@@ -132,3 +132,19 @@ def test_transformers_tokenizer_gives_the_same_ids(tmp_path, bpe, corpus, which)
     assert loaded.eos_token == ENDOFTEXT and loaded.eos_token_id == tok.eot
     ids = np.asarray(loaded.encode("x" + ENDOFTEXT + "y", add_special_tokens=False))
     assert tok.eot in ids  # transformers reads the marker as the special token (tiktoken's encode would not)
+
+
+def test_hf_export_writes_the_tokenizer_of_a_bpe_model(tmp_path, bpe):
+    transformers = pytest.importorskip("transformers")
+    from nanogpt import GPT, GPTConfig
+    from nanogpt.hf import export
+
+    model = GPT(GPTConfig(vocab_size=bpe.vocab_size, block_size=32, n_layer=1, n_head=2, n_embd=16))
+    folder = export(model, tmp_path / "hf", tokenizer=bpe)
+    loaded = transformers.AutoTokenizer.from_pretrained(str(folder))
+    text = TRICKY + " Привет 日本"
+    assert loaded.encode(text, add_special_tokens=False) == bpe.encode(text)
+    hf_model = transformers.GPT2LMHeadModel.from_pretrained(str(folder))
+    assert hf_model.config.eos_token_id == bpe.eot == loaded.eos_token_id
+    export(model, tmp_path / "chars", tokenizer=tokenizer_from_meta({"name": "char", "chars": "ab"}))
+    assert not (tmp_path / "chars" / "tokenizer.json").exists()  # a character vocabulary has no HF twin
