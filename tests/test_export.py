@@ -1,0 +1,180 @@
+"""`nanogpt export`: GGUF read back by gguf's reader (every tensor ours) and loaded by transformers (same
+logits, same token ids); a LoRA run merged into a checkpoint of ours and into HF; clear errors for what
+GGUF cannot hold."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from nanogpt import GPT, GPTConfig
+from nanogpt.checkpoint import load_model, save_checkpoint
+from nanogpt.cli import main as cli_main
+from nanogpt.data.tokenizers import get_tokenizer
+from nanogpt.errors import NanoGPTError
+from nanogpt.export import ExportConfig, export
+from nanogpt.lora import LoRAConfig, apply_lora, lora_entry, weights_sha256
+
+gguf = pytest.importorskip("gguf")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+GPT2_TINY = dict(block_size=64, vocab_size=50304, n_layer=2, n_head=2, n_embd=32, bias=True)
+
+
+def our_checkpoint(folder, model: GPT, tokenizer) -> None:
+    from dataclasses import asdict
+
+    ckpt = {"model": model.state_dict(), "model_args": asdict(model.config), "tokenizer": tokenizer.to_meta()}
+    save_checkpoint(ckpt, folder)
+
+
+@pytest.fixture(scope="module")
+def gpt2_run(tmp_path_factory):
+    """A checkpoint of ours: a small GPT-2-shaped model (padded GPT-2 vocabulary, tanh GELU) with GPT-2 BPE."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**GPT2_TINY, gelu_approximate="tanh")).eval()
+    folder = tmp_path_factory.mktemp("run")
+    our_checkpoint(folder, model, get_tokenizer("gpt2"))
+    return folder, model
+
+
+@pytest.fixture(scope="module")
+def gguf_file(gpt2_run, tmp_path_factory):
+    folder, _ = gpt2_run
+    path = tmp_path_factory.mktemp("gguf") / "model.gguf"
+    assert (
+        cli_main(["export", f"--out_dir={folder}", "--format=gguf", f"--to={path}", "--dtype=float32"]) == 0
+    )
+    return path
+
+
+def test_gguf_reader_sees_every_tensor_and_the_vocabulary(gguf_file, gpt2_run):
+    _, model = gpt2_run
+    reader = gguf.GGUFReader(gguf_file)
+    tensors = {t.name: np.array(t.data) for t in reader.tensors}
+    sd = model.state_dict()
+    assert len(tensors) == 5 + 12 * model.config.n_layer  # wte, wpe, ln_f (2), output + 12 a block
+    np.testing.assert_array_equal(tensors["token_embd.weight"], sd["transformer.wte.weight"].numpy())
+    np.testing.assert_array_equal(tensors["output.weight"], sd["lm_head.weight"].numpy())
+    np.testing.assert_array_equal(
+        tensors["blk.1.attn_qkv.weight"], sd["transformer.h.1.attn.c_attn.weight"].numpy()
+    )
+    np.testing.assert_array_equal(
+        tensors["blk.0.ffn_down.bias"], sd["transformer.h.0.mlp.c_proj.bias"].numpy()
+    )
+    np.testing.assert_array_equal(tensors["output_norm.weight"], sd["transformer.ln_f.weight"].numpy())
+    field = lambda key: reader.fields[key]
+    assert bytes(field("general.architecture").parts[-1]).decode() == "gpt2"
+    assert (
+        int(field("gpt2.context_length").parts[-1][0]) == 64
+        and int(field("gpt2.block_count").parts[-1][0]) == 2
+    )
+    tokens = field("tokenizer.ggml.tokens")
+    assert len(tokens.data) == 50304  # 50257 GPT-2 tokens + 47 unused [PAD<id>]
+    token = lambda i: bytes(tokens.parts[tokens.data[i]]).decode()
+    assert token(50256) == "<|endoftext|>" and token(50303) == "[PAD50303]" and token(15496) == "Hello"
+
+
+def test_gguf_float16_and_bfloat16_hold_our_weights_rounded(gpt2_run, tmp_path):
+    folder, model = gpt2_run
+    wte = model.state_dict()["transformer.wte.weight"]
+    for dtype, torch_dtype in (("float16", torch.float16), ("bfloat16", torch.bfloat16)):
+        path = export(
+            ExportConfig(out_dir=str(folder), format="gguf", to=str(tmp_path / f"{dtype}.gguf"), dtype=dtype)
+        )
+        reader = gguf.GGUFReader(path)
+        t = next(t for t in reader.tensors if t.name == "token_embd.weight")
+        data = np.array(t.data)
+        got = (
+            torch.from_numpy(data.view(np.int16)).view(torch.bfloat16)
+            if dtype == "bfloat16"
+            else torch.from_numpy(data)
+        )
+        assert torch.equal(got.reshape(wte.shape), wte.to(torch_dtype)), dtype
+        bias = next(t for t in reader.tensors if t.name == "blk.0.attn_qkv.bias")
+        assert (
+            np.array(bias.data).dtype == np.float32
+        )  # vectors stay float32, as llama.cpp's converter writes
+
+
+@pytest.mark.slow  # transformers converts the 50k-token GGUF vocabulary in ~40 s on a busy 2-core machine
+def test_transformers_loads_the_gguf_with_our_logits_and_token_ids(gguf_file, gpt2_run):
+    transformers = pytest.importorskip("transformers")
+    _, model = gpt2_run
+    # transformers reads gpt2.context_length as n_ctx, not n_positions (the position table): say it
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        gguf_file.parent, gguf_file=gguf_file.name, n_positions=model.config.block_size
+    ).eval()
+    torch.manual_seed(1)
+    idx = torch.randint(0, 50257, (2, 64))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, model(idx, idx)[0], atol=1e-4, rtol=0)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+    text = "Hello world, it's a test.\n\n  ROMEO: ok 123 — ünïcödé 日本\t"
+    assert hf_tok.encode(text) == get_tokenizer("gpt2").encode(text)
+    assert hf_tok.eos_token_id == 50256  # (the text "<|endoftext|>" is that id to HF, plain text to us)
+
+
+def test_gguf_refuses_characters_and_non_gpt2_options(tmp_path, data_dir):
+    from nanogpt.data.tokenizers import CharTokenizer
+
+    model = GPT(GPTConfig(block_size=16, vocab_size=65, n_layer=1, n_head=1, n_embd=8))
+    our_checkpoint(tmp_path / "char", model, CharTokenizer("".join(chr(32 + i) for i in range(65))))
+    with pytest.raises(NanoGPTError, match="byte-level BPE"):
+        export(ExportConfig(out_dir=str(tmp_path / "char"), format="gguf", to=str(tmp_path / "x.gguf")))
+    assert not (tmp_path / "x.gguf").exists()
+    from nanogpt.gguf_export import check_gpt2_shaped
+
+    fields = GPTConfig.__dataclass_fields__
+    extra = next(
+        (n for n in fields if n not in GPT2_TINY and n not in ("dropout", "gelu_approximate", "attention")),
+        None,
+    )
+    if extra is None:
+        pytest.skip("GPTConfig has no non-GPT-2 option yet")
+    default = fields[extra].default
+    other = {
+        bool: lambda v: not v,
+        str: lambda v: v + "_other",
+        int: lambda v: v + 1,
+        float: lambda v: v + 0.5,
+    }
+    cfg = GPTConfig(**GPT2_TINY)
+    object.__setattr__(cfg, extra, other[type(default)](default))
+    with pytest.raises(NanoGPTError, match=extra):
+        check_gpt2_shaped(cfg)
+
+
+def test_lora_run_merges_into_a_checkpoint_and_hf(gpt2_run, tmp_path):
+    """A LoRA checkpoint (adapters + base reference) exports merged: the same logits as the unmerged model,
+    as a checkpoint of ours and through transformers."""
+    folder, _ = gpt2_run
+    base, tokenizer = load_model(folder)
+    entry = lora_entry(LoRAConfig(rank=4), str(folder), weights_sha256(base))
+    model = apply_lora(base, LoRAConfig(rank=4)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):
+                p.normal_(0, 0.1)
+    ckpt = {
+        "model": {k: v for k, v in model.state_dict().items() if "lora_" in k},
+        "model_args": GPTConfig(**GPT2_TINY, gelu_approximate="tanh").__dict__,
+        "tokenizer": tokenizer.to_meta(),
+        "lora": entry,
+    }
+    save_checkpoint(ckpt, tmp_path / "lora")
+    idx = torch.randint(0, 50257, (2, 64))
+    expected = model(idx, idx)[0]
+    merged_dir = export(
+        ExportConfig(out_dir=str(tmp_path / "lora"), format="ckpt", to=str(tmp_path / "merged"))
+    )
+    merged, _ = load_model(merged_dir.parent)
+    assert not any("lora_" in k for k in merged.state_dict())
+    torch.testing.assert_close(merged(idx, idx)[0], expected, atol=1e-5, rtol=0)
+    transformers = pytest.importorskip("transformers")
+    hf_dir = export(ExportConfig(out_dir=str(tmp_path / "lora"), format="hf", to=str(tmp_path / "hf")))
+    hf = transformers.GPT2LMHeadModel.from_pretrained(hf_dir).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, expected, atol=1e-5, rtol=0)
