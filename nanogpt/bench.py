@@ -42,6 +42,7 @@ from nanogpt.options import read_argv, set_fields, split_options
 from nanogpt.perf import compile_options, keep_freed_memory, matmul_peak_flops, wants_compile
 from nanogpt.train.config import TrainConfig, load_train_config
 from nanogpt.train.model_init import init_model
+from nanogpt.train.optim import build_optimizer
 from nanogpt.train.step import TrainStep, new_scaler
 
 GEN_BATCH_SIZES = (1, 8)
@@ -69,9 +70,7 @@ def bench_step(
     model: torch.nn.Module, raw_model: GPT, cfg: TrainConfig, device: str, dtype: str
 ) -> TrainStep:
     """The optimizer step the trainer would take with `cfg` on one process (tested to match it)."""
-    optimizer = raw_model.configure_optimizers(
-        cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type(device)
-    )
+    optimizer = build_optimizer(raw_model, cfg, device_type(device))  # AdamW, or Muon + AdamW
     scaler = new_scaler(device, dtype)
     context = autocast(device, dtype)
     params = list(raw_model.parameters())

@@ -26,7 +26,9 @@ from nanogpt.model import GPT, KVCache, sample_next_token, validate_sampling
 class StaticKVCache(KVCache):
     """KVCache with fixed shapes: attention reads all max_len slots, the unfilled ones masked out, and
     the next position is a (1,) device tensor that the caller sets (shared by all layers). A decoding
-    step then reads no host value, so a CUDA graph can replay it; `len` stays 0."""
+    step then reads no host value, so a CUDA graph can replay it; `len` stays 0. Position p goes to slot
+    p % max_len: a rotary model's cache rolls past max_len (one position at a time; then every slot is
+    visible), a learned-position model never gets there (generate recomputes)."""
 
     def __init__(self, max_len: int, pos: torch.Tensor):
         super().__init__(max_len)
@@ -37,15 +39,16 @@ class StaticKVCache(KVCache):
 
     def append(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         positions = self.positions(kv.size(3), kv.device)  # (T,)
-        k, v = self._storage(kv).index_copy_(3, positions, kv).unbind(0)
+        k, v = self._storage(kv).index_copy_(3, positions % self.max_len, kv).unbind(0)
         visible = torch.arange(self.max_len, device=kv.device) <= positions[:, None]  # (T, max_len)
         return k, v, visible
 
 
 def new_kv_cache(model: GPT, max_len: int, device: torch.device) -> list[KVCache]:
-    """One empty cache per layer for up to max_len positions: static on a GPU (for CUDA graphs)."""
+    """One empty cache per layer for up to max_len positions: static on a GPU (for CUDA graphs); rolling
+    past max_len for a rotary model."""
     if device.type != "cuda":
-        return [KVCache(max_len) for _ in model.transformer.h]
+        return [KVCache(max_len, rolling=model.config.position == "rope") for _ in model.transformer.h]
     pos = torch.zeros(1, dtype=torch.long, device=device)
     return [StaticKVCache(max_len, pos) for _ in model.transformer.h]
 
@@ -114,9 +117,13 @@ class CachedDecoder:
         self.length = 0  # positions read so far
 
     def prefill(self, idx: torch.Tensor) -> torch.Tensor:
-        """Logits (B, 1, V) of the next token after the prompts idx (B, T)."""
-        logits, _ = self.model(idx, kv_cache=self.cache)
-        self.length = idx.size(1)
+        """Logits (B, 1, V) of the next token after the prompts idx (B, T). A rotary model's prompt
+        longer than the cache: the rest one step at a time, as the cache rolls."""
+        size = self.cache[0].max_len
+        logits, _ = self.model(idx[:, :size], kv_cache=self.cache)
+        self.length = min(size, idx.size(1))
+        for t in range(size, idx.size(1)):
+            logits = self.step(idx[:, t : t + 1])
         return logits
 
     def step(self, token: torch.Tensor) -> torch.Tensor:
@@ -154,17 +161,19 @@ def generate_stream(
     """Yield the next token of each sequence of idx (B, T), as (B, 1), max_new_tokens times.
 
     The tokens are GPT.generate's for the same generator (tested). Once the sequence outgrows block_size
-    every step conditions on the last block_size tokens at positions 0..block_size-1 (as nanoGPT does):
-    those keys all change, so that phase recomputes. use_cache=False recomputes every step. The yielded
+    a learned-position model conditions on the last block_size tokens at positions 0..block_size-1 (as
+    nanoGPT does): those keys all change, so that phase recomputes. A rotary model's cache rolls and serves
+    every step (each query sees the last block_size keys). use_cache=False recomputes every step. The yielded
     tensors are inference tensors: clone one outside inference mode to use it where autograd saves it
     (generate's result, made by torch.cat, is a normal tensor)."""
     t, k, p = sampling.temperature, sampling.top_k, sampling.top_p
     validate_sampling(idx, max_new_tokens, t, k, p, model.config.vocab_size)
     block_size = model.config.block_size
+    rolling = model.config.position == "rope"
     decoder: CachedDecoder | None = None
     for _ in range(max_new_tokens):
-        if not use_cache or idx.size(1) > block_size:
-            logits, _ = model(idx[:, -block_size:])
+        if not use_cache or (idx.size(1) > block_size and not rolling):
+            logits, _ = model(model.context(idx))
         elif decoder is None:
             decoder = CachedDecoder(model, min(block_size, idx.size(1) + max_new_tokens), idx.device)
             logits = decoder.prefill(idx)

@@ -87,8 +87,20 @@ def load_gpt2(name_or_path: str, override_args: dict | None = None) -> GPT:
     return model
 
 
+def require_gpt2(cfg: GPTConfig, what: str) -> None:
+    """Refuse a model with options beyond GPT-2's (rotary positions, RMSNorm, ...) where `what` holds GPT-2's
+    architecture only, naming them."""
+    options = cfg.non_gpt2_options()
+    if options:
+        raise NanoGPTError(
+            f"{what} holds GPT-2's architecture only, and this model has {', '.join(options)}: "
+            "train it with GPT-2's options (the defaults) to use it there"
+        )
+
+
 def hf_config(cfg: GPTConfig, **extra):
     """The transformers.GPT2Config of a model with our config (extra: more GPT2Config fields)."""
+    require_gpt2(cfg, "a Hugging Face GPT2LMHeadModel")
     transformers = _transformers()
     return transformers.GPT2Config(
         vocab_size=cfg.vocab_size,

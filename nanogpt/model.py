@@ -1,16 +1,20 @@
 """The GPT-2 language model, in one file that reads top to bottom.
 
-LayerNorm -> KVCache -> CausalSelfAttention -> MLP -> Block -> GPTConfig -> GPT -> sampling. GPT.generate is
-the plain decoding loop; nanogpt/generate.py is the fast engine the commands use, tested against it.
-Parameter names follow OpenAI's GPT-2 (wte, wpe, h, ln_f, c_attn, c_proj, c_fc), so importing its weights
-is a key-for-key copy with four transposed matrices (see nanogpt/hf.py).
+LayerNorm, RMSNorm -> rotary positions -> KVCache -> CausalSelfAttention -> MLP, SwiGLU -> Block -> GPTConfig
+-> GPT -> sampling. GPT.generate is the plain decoding loop; nanogpt/generate.py is the fast engine the
+commands use, tested against it. Parameter names follow OpenAI's GPT-2 (wte, wpe, h, ln_f, c_attn, c_proj,
+c_fc), so importing its weights is a key-for-key copy with four transposed matrices (see nanogpt/hf.py).
+
+By default the model is GPT-2 exactly. GPTConfig's options beyond it (rotary positions, RMSNorm, QK-norm,
+ReLU² or SwiGLU, untied head, logit soft-capping, zero-initialised projections) are the recipe of the
+speedrun community since 2024 (modded-nanogpt, nanochat); each acts in a few lines where it applies.
 
 References: OpenAI's GPT-2 (tensorflow/model.py), Hugging Face's GPT2LMHeadModel, Karpathy's nanoGPT.
 """
 
 from __future__ import annotations
 
-import inspect
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -33,12 +37,59 @@ class LayerNorm(nn.Module):
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
 
 
+class RMSNorm(nn.Module):
+    """RMSNorm (Zhang & Sennrich 2019; Llama's): x / rms(x) * gain. No mean to subtract, no bias."""
+
+    def __init__(self, ndim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, self.weight.shape, self.weight, 1e-5)
+
+
+def norm_layer(config: GPTConfig) -> nn.Module:
+    """The normalisation before each block's attention and MLP and before the head, as config.norm says."""
+    if config.norm == "rmsnorm":
+        return RMSNorm(config.n_embd)
+    return LayerNorm(config.n_embd, bias=config.bias)
+
+
+def rotary(pos: torch.Tensor, head_size: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotary angles (RoPE, Su et al. 2021) at positions pos, (T,) or (B, T) -> each
+    (1 or B, 1, T, head_size / 2), broadcasting over heads. Dimension pair i turns by pos * base^(-2i/hs).
+    Float32 whatever the model's dtype (in bf16 the angle of position 500 is off by a radian)."""
+    inv_freq = 1.0 / base ** (torch.arange(0, head_size, 2, device=pos.device, dtype=torch.float32) / head_size)
+    angles = pos.float()[..., None] * inv_freq  # (T, hs/2) or (B, T, hs/2)
+    return angles.cos().unsqueeze(-3), angles.sin().unsqueeze(-3)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (..., T, hs) with each pair of dimensions (i, i + hs/2) turned by its angle (Llama's layout), so
+    that q . k depends on the distance between the two positions only."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def sliding_window(T: int, S: int, window: int, device: torch.device) -> torch.Tensor:
+    """(T, S) bool for the last T of S positions: query i sees the `window` keys up to its own position."""
+    query = torch.arange(S - T, S, device=device)[:, None]
+    key = torch.arange(S, device=device)
+    return (key <= query) & (key > query - window)
+
+
 class KVCache:
     """Keys and values of the positions one attention layer has already seen, for incremental decoding.
-    Attention reads the `len` positions filled so far."""
+    Attention reads the `len` positions filled so far.
 
-    def __init__(self, max_len: int):
+    A rolling cache, once full, takes one position at a time in place of the oldest (slot = position %
+    max_len), so each query sees the last max_len keys, in slot order. Only for rotary positions: their
+    keys hold their own position, while a learned-position model's keys all change when the window moves."""
+
+    def __init__(self, max_len: int, rolling: bool = False):
         self.max_len = max_len
+        self.rolling = rolling
         self.len = 0  # positions cached so far
         self.kv: torch.Tensor | None = None  # (2, B, nh, max_len, hs), allocated on first use in kv's dtype
 
@@ -58,11 +109,21 @@ class KVCache:
         """Add (2, B, nh, T, hs) keys and values; return all cached ones, (B, nh, S, hs) each, and which
         of the S keys each of the T queries may see, (T, S) bool (None: the causal corner, keys 0..S-T+i;
         a cache of sequences of different lengths gives one mask per sequence, (B, 1, T, S))."""
-        end = self.len + kv.size(3)
-        self._storage(kv)[:, :, :, self.len : end] = kv  # one copy for keys and values: decoding is op-bound
-        self.len = end
-        k, v = self.kv[:, :, :, :end].unbind(0)
+        T = kv.size(3)
+        slot = self.len if self.len + T <= self.max_len else self._oldest_slot(T)
+        self._storage(kv)[:, :, :, slot : slot + T] = kv  # one copy for keys and values: decoding is op-bound
+        self.len += T
+        k, v = self.kv[:, :, :, : min(self.len, self.max_len)].unbind(0)
         return k, v, None
+
+    def _oldest_slot(self, T: int) -> int:
+        """Where a full rolling cache puts its next position: over the oldest."""
+        if not (self.rolling and T == 1):
+            raise NanoGPTError(
+                f"the KV cache holds {self.max_len} positions and has {self.len}: it cannot take {T} more"
+                + (" (once full, a rolling cache takes one at a time)" if self.rolling else "")
+            )
+        return self.len % self.max_len
 
 
 class CausalSelfAttention(nn.Module):
@@ -77,6 +138,7 @@ class CausalSelfAttention(nn.Module):
         self.n_embd = config.n_embd
         self.dropout = config.dropout
         self.attention = config.attention
+        self.qk_norm = config.qk_norm
         # causal mask: query i may look at keys 0..i. Not saved in checkpoints (persistent=False).
         mask = torch.tril(torch.ones(config.block_size, config.block_size, dtype=torch.bool))
         self.register_buffer("bias", mask, persistent=False)
@@ -93,16 +155,27 @@ class CausalSelfAttention(nn.Module):
         queries are the last T of S positions)."""
         return self.bias[S - T : S, :S] if visible is None else visible
 
-    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        kv_cache: KVCache | None = None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """x (B, T, C) -> (B, T, C). rope: the rotary angles' (cos, sin) of the T positions, if rotary."""
         B, T, C = x.size()  # batch, sequence length, n_embd
         hs = C // self.n_head  # head size
         # (B, T, 3 C) -> (3, B, nh, T, hs): query, key and value of every head
         qkv = self.c_attn(x).view(B, T, 3, self.n_head, hs).permute(2, 0, 3, 1, 4)
+        if self.qk_norm or rope is not None:  # q and k: RMS-normalised per head, then turned by position
+            qk = F.rms_norm(qkv[:2], (hs,)) if self.qk_norm else qkv[:2]
+            qkv = torch.cat((qk if rope is None else apply_rotary(qk, *rope), qkv[2:]))
         q, k, v = qkv.unbind(0)  # (B, nh, T, hs) each
         visible = None  # (T, S) bool: may query i look at key j? None: the causal corner (_visible)
         if kv_cache is not None:
             k, v, visible = kv_cache.append(qkv[1:])  # (B, nh, S, hs), S = cached + T (or max_len)
         S = k.size(2)
+        if visible is None and S > self.bias.size(0):  # rotary, longer than block_size: a sliding window
+            visible = sliding_window(T, S, self.bias.size(0), x.device)
         corner = visible is None  # sliced from self.bias only where needed: decoding is op-bound
         if self._use_sdpa(q):
             # fused kernel; is_causal only describes the square (S == T) case, one query needs no mask
@@ -134,16 +207,39 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y))
 
 
+class ReLUSquared(nn.Module):
+    """relu(x)^2 (So et al. 2021, "Primer"; modded-nanogpt): cheaper than GELU, and its output is sparse."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x).square()
+
+
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU(approximate=config.gelu_approximate)
+        self.act = nn.GELU(approximate=config.gelu_approximate) if config.mlp == "gelu" else ReLUSquared()
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
+
+
+class SwiGLU(nn.Module):
+    """The gated MLP of PaLM and Llama (Shazeer 2020): c_proj(silu(gate) * up), gate and up from one c_fc
+    matmul. Hidden width 8/3 n_embd: its 3 matrices hold the 8 n_embd^2 weights of GPT-2's two."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        hidden = round(8 * config.n_embd / 3)
+        self.c_fc = nn.Linear(config.n_embd, 2 * hidden, bias=config.bias)  # gate, then up
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.c_fc(x).chunk(2, dim=-1)  # (B, T, hidden) each
+        return self.dropout(self.c_proj(F.silu(gate) * up))
 
 
 class Block(nn.Module):
@@ -151,13 +247,18 @@ class Block(nn.Module):
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = norm_layer(config)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
-        self.mlp = MLP(config)
+        self.ln_2 = norm_layer(config)
+        self.mlp = SwiGLU(config) if config.mlp == "swiglu" else MLP(config)
 
-    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), kv_cache)
+    def forward(
+        self,
+        x: torch.Tensor,
+        kv_cache: KVCache | None = None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), kv_cache, rope)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -180,6 +281,15 @@ class GPTConfig:
     gelu_approximate: str = "none"  # "none": exact GELU (nanoGPT); "tanh": GPT-2's and HF's approximation
     # "sdpa": PyTorch's fused kernel; "manual": the plain masked softmax; "auto": whichever is faster here
     attention: str = "auto"
+    # beyond GPT-2 (the defaults are GPT-2's; README "Results" says which of these pay at small scale)
+    position: str = "learned"  # "learned": GPT-2's position embeddings (wpe); "rope": rotary, on q and k
+    rope_base: float = 10000.0  # rotary: dimension pair i turns by position * rope_base^(-2i / head size)
+    norm: str = "layernorm"  # "layernorm" (GPT-2) or "rmsnorm" (no mean, no bias)
+    qk_norm: bool = False  # RMS-normalise q and k per head before attention (bounds the attention logits)
+    mlp: str = "gelu"  # "gelu" (GPT-2), "relu2" (ReLU squared), "swiglu" (gated, 8/3 wide: same weights)
+    tie_embeddings: bool = True  # lm_head is wte's matrix (GPT-2); False: a head of its own
+    logit_softcap: float | None = None  # c: logits = c * tanh(logits / c), smoothly bounded to (-c, c)
+    zero_init_proj: bool = False  # the residual projections (c_proj) start at zero: blocks start as identity
 
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
@@ -193,37 +303,71 @@ class GPTConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise NanoGPTError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
-        if self.gelu_approximate not in ("none", "tanh"):
+        for name, allowed in CHOICES.items():
+            value = getattr(self, name)
+            if value not in allowed:
+                raise NanoGPTError(
+                    f"GPTConfig.{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}"
+                )
+        if self.position == "rope" and (self.n_embd // self.n_head) % 2:
             raise NanoGPTError(
-                f"GPTConfig.gelu_approximate must be 'none' or 'tanh', got {self.gelu_approximate!r}"
+                f"position='rope' turns pairs of dimensions: the head size n_embd // n_head = "
+                f"{self.n_embd // self.n_head} must be even"
             )
-        if self.attention not in ("auto", "sdpa", "manual"):
-            raise NanoGPTError(
-                f"GPTConfig.attention must be 'auto', 'sdpa' or 'manual', got {self.attention!r}"
-            )
+        if not self.rope_base > 1:
+            raise NanoGPTError(f"GPTConfig.rope_base must be > 1, got {self.rope_base!r}")
+        if self.logit_softcap is not None and not self.logit_softcap > 0:
+            raise NanoGPTError(f"GPTConfig.logit_softcap must be None or > 0, got {self.logit_softcap!r}")
+
+    def non_gpt2_options(self) -> list[str]:
+        """The options, as name=value, by which this model computes another function than GPT-2's (formats
+        that hold GPT-2 only, such as transformers' GPT2LMHeadModel, cannot hold it)."""
+        gpt2 = {f.name: f.default for f in dataclasses.fields(GPTConfig)}
+        return [
+            f"{name}={getattr(self, name)!r}" for name in ARCHITECTURE if getattr(self, name) != gpt2[name]
+        ]
+
+
+# the values each choice option may take (the first is GPT-2's)
+CHOICES = {
+    "gelu_approximate": ("none", "tanh"),
+    "attention": ("auto", "sdpa", "manual"),
+    "position": ("learned", "rope"),
+    "norm": ("layernorm", "rmsnorm"),
+    "mlp": ("gelu", "relu2", "swiglu"),
+}
+# the options that change the function away from GPT-2's (rope_base acts only with position="rope";
+# zero_init_proj changes the start of training, not what a model computes)
+ARCHITECTURE = ("position", "norm", "qk_norm", "mlp", "tie_embeddings", "logit_softcap")
 
 
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
+        embeddings = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))
+        if config.position == "learned":  # rotary positions act inside attention instead
+            embeddings["wpe"] = nn.Embedding(config.block_size, config.n_embd)
         self.transformer = nn.ModuleDict(
             dict(
-                wte=nn.Embedding(config.vocab_size, config.n_embd),
-                wpe=nn.Embedding(config.block_size, config.n_embd),
+                **embeddings,
                 drop=nn.Dropout(config.dropout),
                 h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-                ln_f=LayerNorm(config.n_embd, bias=config.bias),
+                ln_f=norm_layer(config),
             )
         )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        # weight tying (https://paperswithcode.com/method/weight-tying): one matrix embeds and unembeds
-        self.transformer.wte.weight = self.lm_head.weight
+        if config.tie_embeddings:
+            # weight tying (https://paperswithcode.com/method/weight-tying): one matrix embeds and unembeds
+            self.transformer.wte.weight = self.lm_head.weight
 
         self.apply(self._init_weights)
-        # GPT-2 paper: residual projections scaled by 1/sqrt(number of residual additions = 2 n_layer)
+        # GPT-2 paper: residual projections scaled by 1/sqrt(number of residual additions = 2 n_layer);
+        # zero_init_proj: zero, so that each block starts as the identity (modded-nanogpt)
         for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
+            if name.endswith("c_proj.weight") and config.zero_init_proj:
+                torch.nn.init.zeros_(p)
+            elif name.endswith("c_proj.weight"):
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -235,11 +379,13 @@ class GPT(nn.Module):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def get_num_params(self, non_embedding: bool = True) -> int:
-        """Parameter count; non_embedding leaves out the position embeddings (the token embeddings are
-        shared with lm_head, so they count)."""
+        """Parameter count; non_embedding leaves out the tables only looked up: the position embeddings,
+        and the token embeddings unless they are lm_head's matrix too (tied, as in GPT-2)."""
         n_params = sum(p.numel() for p in self.parameters())
-        if non_embedding:
+        if non_embedding and "wpe" in self.transformer:
             n_params -= self.transformer.wpe.weight.numel()
+        if non_embedding and not self.config.tie_embeddings:
+            n_params -= self.transformer.wte.weight.numel()
         return n_params
 
     def forward(
@@ -253,37 +399,52 @@ class GPT(nn.Module):
         With kv_cache (one KVCache per layer) idx continues the cached positions."""
         B, T = idx.size()
         start = 0 if kv_cache is None else kv_cache[0].len
-        if start + T > self.config.block_size:
+        learned = self.config.position == "learned"
+        # learned positions end at block_size; rotary ones do not (past it a query sees block_size keys)
+        if learned and start + T > self.config.block_size:
             raise NanoGPTError(
                 f"cannot forward a sequence of length {start + T}: block_size is only {self.config.block_size}"
             )
         if kv_cache is None:
             pos = torch.arange(T, dtype=torch.long, device=idx.device)  # (T,)
         else:
-            pos = kv_cache[0].positions(T, idx.device)
+            pos = kv_cache[0].positions(T, idx.device)  # (T,), or (B, T) for sequences of other lengths
 
-        tok_emb = self.transformer.wte(idx)  # (B, T, n_embd)
-        pos_emb = self.transformer.wpe(pos)  # (T, n_embd)
-        x = self.transformer.drop(tok_emb + pos_emb)
+        x = self.transformer.wte(idx)  # (B, T, n_embd)
+        if learned:
+            x = x + self.transformer.wpe(pos)  # + (T, n_embd)
+        head_size = self.config.n_embd // self.config.n_head
+        rope = None if learned else rotary(pos, head_size, self.config.rope_base)  # cos, sin of the angles
+        x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, None if kv_cache is None else kv_cache[i])
+            x = block(x, None if kv_cache is None else kv_cache[i], rope)
         x = self.transformer.ln_f(x)
 
         if targets is not None:
-            logits = self.lm_head(x)  # (B, T, V)
+            logits = self._head(x)  # (B, T, V)
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         else:
             # inference: only the last position's logits are needed (-1: keeps the time dim)
-            logits = self.lm_head(x[:, -1:, :])  # (B, 1, V)
+            logits = self._head(x[:, -1:, :])  # (B, 1, V)
             loss = None
         return logits, loss
+
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of the final hidden states; soft-capped to (-c, c) if logit_softcap = c (Gemma 2,
+        modded-nanogpt), in float32 (a bf16 tanh near c would round the logits to a few steps)."""
+        logits = self.lm_head(x)
+        if self.config.logit_softcap is not None:
+            cap = self.config.logit_softcap
+            logits = cap * torch.tanh(logits.float() / cap)
+        return logits
 
     def crop_block_size(self, block_size: int) -> None:
         """Shrink the context (e.g. GPT-2's 1024 -> 256) for a smaller, faster model."""
         if not 0 < block_size <= self.config.block_size:
             raise NanoGPTError(f"crop_block_size: {block_size} must be in 1..{self.config.block_size}")
         self.config.block_size = block_size
-        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+        if "wpe" in self.transformer:
+            self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
         for block in self.transformer.h:
             block.attn.bias = block.attn.bias[:block_size, :block_size]
 
@@ -298,25 +459,11 @@ class GPT(nn.Module):
         self, weight_decay: float, learning_rate: float, betas: tuple[float, float], device_type: str
     ) -> torch.optim.AdamW:
         """AdamW with weight decay on matrices (>= 2-D: Linear weights, embeddings) and none on biases
-        and LayerNorm gains."""
+        and norm gains (nanoGPT's; the trainer's other choice, Muon, is in nanogpt/train/optim.py)."""
+        from nanogpt.train.optim import adamw
+
         params = [p for p in self.parameters() if p.requires_grad]  # tied weights appear once
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
-        groups = [
-            {"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
-        print(
-            f"num decayed parameter tensors: {len(decay)}, with {sum(p.numel() for p in decay):,} parameters\n"
-            f"num non-decayed parameter tensors: {len(no_decay)}, with "
-            f"{sum(p.numel() for p in no_decay):,} parameters"
-        )
-        # the fused kernel updates all parameters in one pass (CUDA, and CPU since torch 2.4: 7% faster
-        # steps of the shakespeare_char_cpu model here); checked at run time, not by version
-        fused = "fused" in inspect.signature(torch.optim.AdamW).parameters and device_type in ("cuda", "cpu")
-        extra = {"fused": True} if fused else {"foreach": True}
-        print(f"using fused AdamW: {fused}")
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **extra)
+        return adamw(params, weight_decay, learning_rate, betas, device_type)
 
     def flops_per_token(self) -> float:
         """Forward + backward FLOPs per token (PaLM appendix B): 6N for the matmuls with the weights,
@@ -330,6 +477,23 @@ class GPT(nn.Module):
         peak_flops (nanogpt.perf.matmul_peak_flops measures this device's; nanoGPT used an A100's 312e12)."""
         flops_per_iter = self.flops_per_token() * self.config.block_size * fwdbwd_per_iter
         return flops_per_iter / dt / peak_flops
+
+    def context(self, idx: torch.Tensor) -> torch.Tensor:
+        """The last tokens of idx (B, T) that a recomputing step conditions on. Learned positions: the last
+        block_size (nanoGPT's crop). Rotary: all that reach the last token through the layers' windows of
+        block_size keys, n_layer * (block_size - 1) + 1 (exactly what a rolling cache computes)."""
+        cfg = self.config
+        keep = cfg.block_size if cfg.position == "learned" else cfg.n_layer * (cfg.block_size - 1) + 1
+        return idx[:, -keep:]
+
+    def prefill(self, idx: torch.Tensor, kv_cache: list[KVCache]) -> torch.Tensor:
+        """Read prompts idx (B, T) into empty caches -> logits (B, 1, V) of the next token. A rotary
+        model's prompt longer than the caches: the rest one position at a time, as they roll."""
+        size = kv_cache[0].max_len
+        logits, _ = self(idx[:, :size], kv_cache=kv_cache)
+        for t in range(size, idx.size(1)):
+            logits, _ = self(idx[:, t : t + 1], kv_cache=kv_cache)
+        return logits
 
     @torch.no_grad()
     def generate(
@@ -345,18 +509,22 @@ class GPT(nn.Module):
         """Continue idx (B, T) by max_new_tokens tokens; returns (B, T + max_new_tokens).
 
         With use_cache the prompt is read once and each new token costs one position's forward pass.
-        Once the sequence outgrows block_size, every step conditions on the last block_size tokens at
-        positions 0..block_size-1 (as nanoGPT does): those keys all change, so that phase recomputes.
-        use_cache=False recomputes every step: nanoGPT's loop, the reference the caches are tested against."""
+        Once the sequence outgrows block_size, a learned-position model conditions on the last block_size
+        tokens at positions 0..block_size-1 (as nanoGPT does): those keys all change, so that phase
+        recomputes. A rotary model's keys hold their own position: its cache rolls (each query sees the
+        last block_size keys) and serves every step. use_cache=False recomputes every step (over
+        `context`): nanoGPT's loop, the reference the caches are tested against."""
         validate_sampling(idx, max_new_tokens, temperature, top_k, top_p, self.config.vocab_size)
         block_size = self.config.block_size
+        rolling = self.config.position == "rope"
         cache: list[KVCache] | None = None
         for _ in range(max_new_tokens):
-            if not use_cache or idx.size(1) > block_size:
-                logits, _ = self(idx[:, -block_size:])
+            if not use_cache or (idx.size(1) > block_size and not rolling):
+                logits, _ = self(self.context(idx))
             elif cache is None:  # read the whole prompt once
-                cache = [KVCache(min(block_size, idx.size(1) + max_new_tokens)) for _ in self.transformer.h]
-                logits, _ = self(idx, kv_cache=cache)
+                max_len = min(block_size, idx.size(1) + max_new_tokens)
+                cache = [KVCache(max_len, rolling) for _ in self.transformer.h]
+                logits = self.prefill(idx, cache)
             else:  # only the newest token is not cached yet
                 logits, _ = self(idx[:, -1:], kv_cache=cache)
             idx_next = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator)

@@ -52,18 +52,35 @@ class TrainConfig:
     bias: bool = (
         False  # biases in Linears and LayerNorms (GPT-2 has them; without is a bit better and faster)
     )
-    # AdamW
-    learning_rate: float = 6e-4  # peak learning rate
+    # model options beyond GPT-2 (nanogpt/model.py's GPTConfig; GPT-2's by default)
+    position: Literal["learned", "rope"] = "learned"  # rope: rotary positions on q and k, no wpe
+    rope_base: float = 10000.0  # rotary: pair i of a head's dimensions turns by position * base^(-2i/hs)
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    qk_norm: bool = False  # RMS-normalise q and k per head before attention
+    mlp: Literal["gelu", "relu2", "swiglu"] = "gelu"  # relu2: ReLU squared; swiglu: gated, same weights
+    tie_embeddings: bool = True  # lm_head shares wte's matrix (GPT-2); False: a head of its own
+    logit_softcap: float | None = None  # c: logits = c * tanh(logits / c)
+    zero_init_proj: bool = False  # the residual projections (c_proj) start at zero
+    # optimizer: AdamW, or Muon for the blocks' matrices + AdamW for the rest (nanogpt/train/optim.py)
+    optimizer: Literal["adamw", "muon"] = "adamw"
+    learning_rate: float = 6e-4  # peak learning rate (AdamW's)
+    muon_learning_rate: float = 0.02  # Muon's peak (Keller Jordan's convention; see optim.py)
+    muon_momentum: float = 0.95  # Muon's (Nesterov) momentum
     max_iters: int = 600000  # optimizer steps in total (a resumed run continues up to this)
     weight_decay: float = 1e-1  # on matrices only (see GPT.configure_optimizers)
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # clip the global gradient norm to this; 0 disables clipping
     # learning rate schedule
-    decay_lr: bool = True  # linear warmup then cosine decay; False: constant learning_rate
+    decay_lr: bool = True  # linear warmup then a decay; False: constant learning_rate
+    lr_schedule: Literal["cosine", "wsd"] = "cosine"  # wsd: warmup, constant, linear decay at the end
+    decay_fraction: float = 0.2  # wsd: the last fraction of the run spent decaying
     warmup_iters: int = 2000
-    lr_decay_iters: int = 600000  # the cosine reaches min_lr here (about max_iters, per Chinchilla)
+    lr_decay_iters: int = 600000  # the decay reaches min_lr here (about max_iters, per Chinchilla)
     min_lr: float = 6e-5  # about learning_rate / 10, per Chinchilla
+    # a wall-clock budget in seconds, evaluations included (0: none): the run stops in time for a final
+    # evaluation and checkpoint, and the schedule after warmup runs on the time spent, not lr_decay_iters
+    max_seconds: float = 0.0
     # system
     backend: Literal["auto", "nccl", "gloo"] = (
         "auto"  # torch.distributed backend: auto is nccl on CUDA, gloo on CPU
@@ -85,6 +102,13 @@ class TrainConfig:
             _require(getattr(self, name) >= 0, f"{name} must not be negative, got {getattr(self, name)}")
         _require(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
         _require(self.learning_rate > 0, f"learning_rate must be positive, got {self.learning_rate}")
+        _require(
+            self.muon_learning_rate > 0, f"muon_learning_rate must be positive, got {self.muon_learning_rate}"
+        )
+        _require(0 < self.decay_fraction <= 1, f"decay_fraction must be in (0, 1], got {self.decay_fraction}")
+        _require(
+            self.max_seconds >= 0, f"max_seconds must not be negative (0: no budget), got {self.max_seconds}"
+        )
         _require(
             not self.decay_lr or self.warmup_iters <= self.lr_decay_iters,
             f"warmup_iters ({self.warmup_iters}) must not exceed lr_decay_iters ({self.lr_decay_iters})",

@@ -3,7 +3,8 @@ display (a progress bar in a terminal, plain lines otherwise) and, if asked, wan
 
 metrics.jsonl has one JSON object per line:
     every log_interval: {"iter", "loss", "lr", "ms", "tokens_per_sec", "mfu", "grad_norm"}
-    every eval:         {"iter", "train_loss", "val_loss"}
+    every eval:         {"iter", "train_loss", "val_loss", "elapsed_s"} (wall seconds of the run when the
+                        evaluation began, earlier evaluations included: time-to-loss reads from it)
 """
 
 from __future__ import annotations
