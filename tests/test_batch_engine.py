@@ -20,11 +20,12 @@ SAMPLINGS = {
 }
 
 
-def tiny_model(attention: str) -> GPT:
+def tiny_model(attention: str, position: str = "learned") -> GPT:
     """A random model with weights 5x GPT-2's init: sharp attention and logits that depend on the
     context (at the usual init a greedy sequence repeats one token, which would hide a wrong mask)."""
     torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=48, vocab_size=50, n_layer=2, n_head=2, n_embd=32, attention=attention))
+    shape = dict(block_size=48, vocab_size=50, n_layer=2, n_head=2, n_embd=32)
+    model = GPT(GPTConfig(**shape, attention=attention, position=position))
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(5.0)
@@ -67,10 +68,11 @@ def decode_batched(model: GPT, prompts: list[list[int]], sampling: Sampling, row
     return out
 
 
+@pytest.mark.parametrize("position", ["learned", "rope"])
 @pytest.mark.parametrize("attention", ["sdpa", "manual"])
 @pytest.mark.parametrize("name", list(SAMPLINGS))
-def test_batched_tokens_equal_each_sequence_decoded_alone(attention, name):
-    model, sampling = tiny_model(attention), SAMPLINGS[name]
+def test_batched_tokens_equal_each_sequence_decoded_alone(attention, name, position):
+    model, sampling = tiny_model(attention, position), SAMPLINGS[name]
     batch = decode_batched(model, prompts(), sampling, rows=5)
     for key, (_, _, n, seed) in enumerate(REQUESTS):
         assert batch[key] == decode_alone(model, prompts()[key], n, sampling, seed), f"request {key}"
