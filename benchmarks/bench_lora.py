@@ -97,6 +97,16 @@ def worker(mode: str, data_dir: Path, steps: int, batch: int, block: int) -> dic
     }
 
 
+def median_run(runs: list[dict]) -> dict:
+    """One mode's figures over its processes: the median step time and peak RSS (each run's own kept)."""
+    return {
+        **runs[0],
+        "ms_per_step_median": statistics.median(r["ms_per_step_median"] for r in runs),
+        "peak_rss_mib": statistics.median(r["peak_rss_mib"] for r in runs),
+        "runs": [{k: r[k] for k in ("ms_per_step", "peak_rss_mib")} for r in runs],
+    }
+
+
 def prepare(data_dir: Path) -> None:
     from nanogpt.data.prepare import ensure_prepared
 
@@ -110,6 +120,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--block", type=int, default=256)
+    parser.add_argument("--rounds", type=int, default=2, help="processes per mode, alternated")
     parser.add_argument("--data_dir", default="data")
     parser.add_argument("--json", default="")
     parser.add_argument("--worker", choices=["full", "lora"], help=argparse.SUPPRESS)
@@ -120,12 +131,13 @@ def main() -> None:
         return
     prepare(data_dir)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    results = {}
-    for mode in ("full", "lora"):
-        cmd = [sys.executable, __file__, "--worker", mode, *sys.argv[1:]]
-        out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
-        results[mode] = json.loads(out.strip().splitlines()[-1])
-    full, lora = results["full"], results["lora"]
+    runs: dict[str, list[dict]] = {"full": [], "lora": []}
+    for _ in range(args.rounds):  # alternated: a busy spell of the machine slows both modes alike
+        for mode in runs:
+            cmd = [sys.executable, __file__, "--worker", mode, *sys.argv[1:]]
+            out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
+            runs[mode].append(json.loads(out.strip().splitlines()[-1]))
+    full, lora = (median_run(runs[mode]) for mode in ("full", "lora"))
     ratios = {
         "peak_rss": lora["peak_rss_mib"] / full["peak_rss_mib"],
         "ms_per_step": lora["ms_per_step_median"] / full["ms_per_step_median"],
@@ -143,6 +155,7 @@ def main() -> None:
             "targets": list(LORA.targets),
         },
         "steps_timed": args.steps,
+        "processes_per_mode": args.rounds,
         "full": full,
         "lora_run": lora,
         "lora_over_full": ratios,
