@@ -62,7 +62,12 @@ def train_bpe(
     if num_threads:  # rayon sizes its pool once per process, at its first use
         os.environ.setdefault("RAYON_NUM_THREADS", str(num_threads))
     trainer = rustbpe.Tokenizer()
-    trainer.train_from_iterator(iter(texts), vocab_size - len(special_tokens), pattern=PATTERNS[pattern])
+    # rustbpe gathers buffer_size texts before counting them (default 8192): with pieces of ~1M characters
+    # that would be the whole corpus in memory; a few per thread keep every core busy and memory flat
+    buffer = 4 * (num_threads or os.cpu_count() or 1)
+    trainer.train_from_iterator(
+        iter(texts), vocab_size - len(special_tokens), buffer_size=buffer, pattern=PATTERNS[pattern]
+    )
     ranks = [bytes(token) for token, _ in sorted(trainer.get_mergeable_ranks(), key=lambda item: item[1])]
     return BPETokenizer(ranks, PATTERNS[pattern], {t: len(ranks) + i for i, t in enumerate(special_tokens)})
 
