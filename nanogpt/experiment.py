@@ -2,14 +2,23 @@
 in this process, and tabulates the results with their spread.
 
     nanogpt experiment --datasets=shakespeare_char,enwik8,text8 --seeds=3 --out=runs/baseline --max_iters=2000
+    nanogpt experiment --config=shakespeare_char_cpu_fast --variants=benchmarks/ablation_recipe.toml \
+        --seeds=2 --max_seconds=600 --target_loss=1.55 --out=runs/ablation_recipe
+
+Variants (--variants=FILE.toml): named sets of training overrides, one [NAME] table each, every one run
+over the seeds (and datasets); a table's `config` key picks the preset it starts from. Precedence: the
+variant's preset < the command line's --key=value < the variant's own keys. --only=a,b runs some of them.
 
 Layout (one folder per run is the trainer's out_dir):
     OUT/DATASET/seed_S/       ckpt.pt, metrics.jsonl, ... and final_info.json: final_train_loss,
                               best_val_loss, total_train_time, avg_inference_tokens_per_second
+    OUT/VARIANT/DATASET/seed_S/   the same, with --variants
     OUT/all_results.json      every run's final info and its train / val log lines
-    OUT/final_info.json       per dataset: the mean and standard error of each metric over the seeds
+    OUT/final_info.json       per dataset (or variant): the mean and standard error of each metric over
+                              the seeds, those above plus final_val_loss and ms_per_iter (and, with
+                              --target_loss, seconds_to_target: the elapsed_s of the first eval at or below it)
     OUT/results.md            the Markdown table printed at the end
-    OUT/val_loss.png          the val-loss curves of all runs, one panel per dataset
+    OUT/val_loss.png          the val-loss curves of all runs against wall seconds, one panel per dataset
 
 Seeds are the training config's seed (the preset's, or --seed) plus 0, 1, ...: `nanogpt train ...
 --seed=S` reproduces OUT/DATASET/seed_S. Any other --key=value overrides every run's TrainConfig.
@@ -35,12 +44,15 @@ from nanogpt.checkpoint import load_model, resume_path
 from nanogpt.device import resolve_device
 from nanogpt.errors import NanoGPTError
 from nanogpt.files import atomic_open, write_text_atomic
-from nanogpt.options import read_argv, set_fields, split_options, to_dict
+from nanogpt.options import read_argv, read_toml, set_fields, split_options, to_dict
 from nanogpt.train.config import TrainConfig, load_train_config
 from nanogpt.train.metrics import read_metrics
 from nanogpt.train.trainer import train
 
 METRICS = ("final_train_loss", "best_val_loss", "total_train_time", "avg_inference_tokens_per_second")
+# read from each run's final info and log at the end (so runs kept from an earlier invocation have them)
+DERIVED = ("final_val_loss", "ms_per_iter")
+TARGET = "seconds_to_target"
 
 
 @dataclass
@@ -52,6 +64,9 @@ class ExperimentOptions:
     out: str = "runs/experiment"
     config: str = "shakespeare_char_cpu"  # the training preset (or TOML file) every run starts from
     inference_tokens: int = 100  # tokens generated after training (batch 1, KV cache) for tokens/s
+    variants: str = ""  # a TOML file of named variants, each a table of training overrides ("": none)
+    only: str = ""  # comma-separated names of the variants to run (default: all of the file's)
+    target_loss: float = 0.0  # report the wall seconds each run took to reach this val loss (0: do not)
 
     def __post_init__(self):
         if self.seeds < 1 or self.inference_tokens < 1:
@@ -60,6 +75,8 @@ class ExperimentOptions:
             )
         if not self.dataset_names():
             raise NanoGPTError("--datasets names no dataset")
+        if self.only and not self.variants:
+            raise NanoGPTError("--only picks variants: give the --variants file too")
 
     def dataset_names(self) -> list[str]:
         return [name.strip() for name in self.datasets.split(",") if name.strip()]
@@ -119,86 +136,173 @@ def run_one(cfg: TrainConfig, inference_tokens: int) -> dict[str, Any] | None:
     return info
 
 
-def aggregate(infos: dict[str, list[dict]]) -> dict[str, Any]:
-    """dataset -> {"means": {M_mean}, "stderrs": {M_stderr}, "final_info_dict": {M: [per run]}}."""
+def run_row(info: dict[str, Any], val_log: list[dict], target_loss: float) -> dict[str, Any]:
+    """A run's final info plus what its log says: final_val_loss, ms_per_iter (optimizer steps only) and,
+    with a target, the elapsed_s of its first evaluation at or below it (None: never reached)."""
+    row = info | {
+        "final_val_loss": val_log[-1]["val_loss"],
+        "ms_per_iter": 1000 * info["total_train_time"] / max(1, info["iter_num"]),
+    }
+    if target_loss:
+        reached = [e.get("elapsed_s", math.nan) for e in val_log if e["val_loss"] <= target_loss]
+        row[TARGET] = reached[0] if reached else None
+    return row
+
+
+def aggregate(rows: dict[str, list[dict]]) -> dict[str, Any]:
+    """label (a dataset, or a variant) -> {"means": {M_mean}, "stderrs": {M_stderr}, "final_info_dict":
+    {M: [per run]}}. seconds_to_target's mean is None unless every run reached the target."""
     out = {}
-    for dataset, runs in infos.items():
-        values = {m: [run[m] for run in runs] for m in METRICS}
-        stats = {m: mean_and_stderr(v) for m, v in values.items()}
-        out[dataset] = {
-            "means": {f"{m}_mean": stats[m][0] for m in METRICS},
-            "stderrs": {f"{m}_stderr": stats[m][1] for m in METRICS},
+    for label, runs in rows.items():
+        metrics = [m for m in (*METRICS, *DERIVED, TARGET) if m in runs[0]]
+        values = {m: [run[m] for run in runs] for m in metrics}
+        stats = {m: (None, None) if None in v else mean_and_stderr(v) for m, v in values.items()}
+        out[label] = {
+            "means": {f"{m}_mean": stats[m][0] for m in metrics},
+            "stderrs": {f"{m}_stderr": stats[m][1] for m in metrics},
             "final_info_dict": values,
         }
     return out
 
 
-def markdown_table(final_info: dict[str, Any]) -> str:
-    header = "| dataset | runs | final train loss | best val loss | train time (s) | inference tokens/s |"
-    lines = [header, "|---|---:|---:|---:|---:|---:|"]
-    for dataset, agg in final_info.items():
+# the table's columns: metric, header, digits
+COLUMNS = (
+    ("final_train_loss", "final train loss", 4),
+    ("best_val_loss", "best val loss", 4),
+    ("final_val_loss", "final val loss", 4),
+    ("ms_per_iter", "ms/iter", 1),
+    ("total_train_time", "train time (s)", 1),
+    ("avg_inference_tokens_per_second", "inference tokens/s", 0),
+    (TARGET, "s to target", 0),
+)
+
+
+def markdown_table(final_info: dict[str, Any], first_column: str = "dataset") -> str:
+    """One row per dataset (or variant): each metric's mean ± standard error over the runs."""
+    columns = [c for c in COLUMNS if f"{c[0]}_mean" in next(iter(final_info.values()))["means"]]
+    lines = [f"| {first_column} | runs | {' | '.join(c[1] for c in columns)} |"]
+    lines.append("|---|---:|" + "---:|" * len(columns))
+    for label, agg in final_info.items():
         cells = []
-        for m, digits in zip(METRICS, (4, 4, 1, 0), strict=True):
+        for m, _, digits in columns:
             mean, stderr = agg["means"][f"{m}_mean"], agg["stderrs"][f"{m}_stderr"]
-            cells.append(f"{mean:.{digits}f}" + ("" if stderr is None else f" ± {stderr:.{digits}f}"))
-        lines.append(f"| {dataset} | {len(agg['final_info_dict'][METRICS[0]])} | {' | '.join(cells)} |")
+            cell = "not reached by all" if mean is None else f"{mean:.{digits}f}"
+            cells.append(cell + ("" if stderr is None else f" ± {stderr:.{digits}f}"))
+        lines.append(f"| {label} | {len(agg['final_info_dict'][METRICS[0]])} | {' | '.join(cells)} |")
     return "\n".join(lines)
 
 
 def plot_val_loss(curves: dict[str, dict[str, list[dict]]], path: Path) -> None:
-    """One panel per title (a dataset), one line per label (a seed, a run): val loss against iteration."""
+    """One panel per title (a dataset), one line per label (a seed, a run): val loss against the wall
+    seconds of each evaluation (elapsed_s; iterations for logs written before it was recorded)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(curves), figsize=(6 * len(curves), 4.5), squeeze=False)
     for ax, (title, runs) in zip(axes[0], curves.items(), strict=True):
+        timed = all("elapsed_s" in e for evals in runs.values() for e in evals)
         for label, evals in runs.items():
-            ax.plot([e["iter"] for e in evals], [e["val_loss"] for e in evals], marker=".", label=label)
-        ax.set(title=title, xlabel="iteration", ylabel="val loss")
+            x = [e["elapsed_s"] if timed else e["iter"] for e in evals]
+            ax.plot(x, [e["val_loss"] for e in evals], marker=".", label=label)
+        ax.set(title=title, xlabel="seconds" if timed else "iteration", ylabel="val loss")
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize="small")
     fig.tight_layout()
     with atomic_open(path, "wb") as f:
         fig.savefig(f, format="png", dpi=120)
     plt.close(fig)
 
 
+def read_variants(path: str, only: str) -> dict[str, dict[str, Any]]:
+    """The variants of a TOML file, {name: training overrides} in the file's order (those `only` names, if
+    it names any). A variant's key `config` names the preset it starts from."""
+    variants = read_toml(path)
+    if not variants or any(not isinstance(v, dict) for v in variants.values()):
+        raise NanoGPTError(f"{path}: write each variant as a [NAME] table of training overrides")
+    names = [n.strip() for n in only.split(",") if n.strip()] or list(variants)
+    unknown = [n for n in names if n not in variants]
+    if unknown:
+        raise NanoGPTError(
+            f"--only names {', '.join(unknown)}, not variants of {path} ({', '.join(variants)})"
+        )
+    for name in names:
+        for key in ("dataset", "out_dir"):
+            if key in variants[name]:
+                raise NanoGPTError(f"variant {name!r} of {path} sets {key}: the experiment sets each run's")
+    return {n: variants[n] for n in names}
+
+
+@dataclass
+class RunGroup:
+    """The seeds of one dataset under one variant ("" without variants)."""
+
+    variant: str
+    label: str  # its row of the table
+    folder: Path  # its seed_S/ folders
+    config: TrainConfig  # its training config, before seed and out_dir
+
+
+def run_groups(opts: ExperimentOptions, overrides: dict[str, Any]) -> list[RunGroup]:
+    """Every variant x dataset of the experiment, each with its training config."""
+    variants = read_variants(opts.variants, opts.only) if opts.variants else {"": {}}
+    datasets, out = opts.dataset_names(), Path(opts.out)
+    groups = []
+    for name, changes in variants.items():
+        changes = dict(changes)
+        base = set_fields(load_train_config([changes.pop("config", opts.config)]), overrides, "command line")
+        base = set_fields(base, changes, f"variant {name!r} of {opts.variants}")
+        for dataset in datasets:
+            label = dataset if not name else name if len(datasets) == 1 else f"{name}/{dataset}"
+            folder = out / name / dataset if name else out / dataset
+            groups.append(RunGroup(name, label, folder, set_fields(base, {"dataset": dataset}, "experiment")))
+    return groups
+
+
+def run_or_reuse(cfg: TrainConfig, inference_tokens: int) -> dict[str, Any] | None:
+    """A run's final info: kept from an earlier invocation, or trained now (a stopped one resumed). None
+    if a signal stopped it (saved, to resume)."""
+    state = earlier_run(cfg)
+    print(f"=== experiment: {cfg.dataset}, seed {cfg.seed} -> {cfg.out_dir}{_EARLIER_NOTE[state]}")
+    if state == "done":
+        return json.loads((Path(cfg.out_dir) / "final_info.json").read_text())
+    if state == "stopped":
+        cfg = set_fields(cfg, {"init_from": "resume"}, "experiment")
+    info = run_one(cfg, inference_tokens)
+    if info is None:
+        print(
+            f"experiment stopped during {cfg.out_dir} (saved). To continue: the same command again; "
+            "finished runs are kept and this one resumes"
+        )
+    return info
+
+
 def run_experiment(opts: ExperimentOptions, overrides: dict[str, Any]) -> dict[str, Any] | None:
     """Every run of the experiment, then the aggregate files; returns the aggregate (final_info.json), or
     None if a signal stopped a run (it is saved; the same call again continues the experiment)."""
-    base = set_fields(load_train_config([opts.config]), overrides, "command line")
+    groups = run_groups(opts, overrides)
     out = Path(opts.out)
-    infos: dict[str, list[dict]] = {}
+    rows: dict[str, list[dict]] = {}
     curves: dict[str, dict[str, list[dict]]] = {}
     all_results: dict[str, Any] = {}
-    for dataset in opts.dataset_names():
-        for seed in range(base.seed, base.seed + opts.seeds):
-            run_dir = out / dataset / f"seed_{seed}"
-            cfg = set_fields(base, {"dataset": dataset, "seed": seed, "out_dir": str(run_dir)}, "experiment")
-            state = earlier_run(cfg)
-            print(f"=== experiment: {dataset}, seed {seed} -> {run_dir}{_EARLIER_NOTE[state]}")
-            if state == "done":
-                info = json.loads((run_dir / "final_info.json").read_text())
-            else:
-                if state == "stopped":
-                    cfg = set_fields(cfg, {"init_from": "resume"}, "experiment")
-                info = run_one(cfg, opts.inference_tokens)
-                if info is None:
-                    print(
-                        f"experiment stopped during {run_dir} (saved). To continue: the same command again; "
-                        "finished runs are kept and this one resumes"
-                    )
-                    return None
+    for group in groups:
+        for seed in range(group.config.seed, group.config.seed + opts.seeds):
+            run_dir = group.folder / f"seed_{seed}"
+            info = run_or_reuse(
+                set_fields(group.config, {"seed": seed, "out_dir": str(run_dir)}, "experiment"),
+                opts.inference_tokens,
+            )
+            if info is None:
+                return None
             train_log, val_log = train_and_val_logs(run_dir)
-            infos.setdefault(dataset, []).append(info)
-            curves.setdefault(dataset, {})[f"seed {seed}"] = val_log
-            all_results[f"{dataset}_{seed}_final_info"] = info
-            all_results[f"{dataset}_{seed}_train_info"] = train_log
-            all_results[f"{dataset}_{seed}_val_info"] = val_log
-    final_info = aggregate(infos)
-    table = markdown_table(final_info)
+            rows.setdefault(group.label, []).append(run_row(info, val_log, opts.target_loss))
+            curves.setdefault(group.config.dataset, {})[f"{group.variant} seed {seed}".strip()] = val_log
+            all_results[f"{group.label}_{seed}_final_info"] = info
+            all_results[f"{group.label}_{seed}_train_info"] = train_log
+            all_results[f"{group.label}_{seed}_val_info"] = val_log
+    final_info = aggregate(rows)
+    table = markdown_table(final_info, "variant" if opts.variants else "dataset")
     write_text_atomic(out / "all_results.json", json.dumps(all_results, indent=2) + "\n")
     write_text_atomic(out / "final_info.json", json.dumps(final_info, indent=2) + "\n")
     write_text_atomic(out / "results.md", table + "\n")

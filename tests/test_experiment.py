@@ -139,3 +139,71 @@ def test_a_stopped_experiment_continues_where_it_stopped(experiment, tmp_path, m
     capsys.readouterr()
     run_experiment(out, data_dir, "--max_iters=20", exit_code=1)
     assert "another training config (differs in: max_iters)" in capsys.readouterr().err
+
+
+VARIANTS = """
+[baseline]
+
+[modern]  # the model options with Muon and WSD, as in benchmarks/ablation_recipe.toml
+position = "rope"
+norm = "rmsnorm"
+optimizer = "muon"
+lr_schedule = "wsd"
+
+[wide]
+n_embd = 48
+"""
+
+
+def test_named_variants_over_seeds(experiment, tmp_path):
+    """--variants: each [NAME] table's overrides on top of the command line's, over the seeds, in
+    OUT/NAME/DATASET/seed_S; a table with the variants as rows (final val loss, ms/iter, seconds to the
+    target loss) and curves against seconds. --only runs some; the same command keeps finished runs."""
+    whole, _ = experiment
+    variants = tmp_path / "variants.toml"
+    variants.write_text(VARIANTS)
+    data_dir, out = whole.parent / "data", tmp_path / "runs"
+    args = (f"--variants={variants}", "--only=baseline,modern", "--target_loss=4.0")
+    stdout = run_experiment(out, data_dir, *args)
+    config = lambda v, s: json.loads((out / v / "shakespeare_char" / f"seed_{s}" / "config.json").read_text())
+    assert (config("modern", 5)["position"], config("modern", 6)["optimizer"]) == ("rope", "muon")
+    assert config("baseline", 5)["position"] == "learned" and config("modern", 5)["n_embd"] == 32
+    assert config("modern", 5)["max_iters"] == 12  # the command line's, for every variant
+    assert not (out / "wide").exists()
+    table = (out / "results.md").read_text().splitlines()
+    assert table[0].startswith("| variant | runs |") and "ms/iter" in table[0] and "s to target" in table[0]
+    assert [row.split(" | ")[0] for row in table[2:]] == ["| baseline", "| modern"]
+    agg = json.loads((out / "final_info.json").read_text())
+    for name in ("baseline", "modern"):
+        evals = [
+            [r for r in read_metrics(out / name / "shakespeare_char" / f"seed_{s}") if "val_loss" in r]
+            for s in (5, 6)
+        ]
+        runs = agg[name]["final_info_dict"]
+        assert runs["final_val_loss"] == [e[-1]["val_loss"] for e in evals]
+        first_below = [next((r["elapsed_s"] for r in e if r["val_loss"] <= 4.0), None) for e in evals]
+        assert runs["seconds_to_target"] == first_below
+    assert (out / "val_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "(done earlier: kept)" in run_experiment(out, data_dir, *args) and "| modern |" in stdout
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ("--only=fast", "--only names fast, not variants"),
+        ("", "--only picks variants"),
+    ],
+)
+def test_bad_variant_options(extra, message, tmp_path, capsys):
+    variants = tmp_path / "v.toml"
+    variants.write_text(VARIANTS)
+    args = [f"--variants={variants}", extra] if "fast" in extra else ["--only=baseline"]
+    assert cli(["experiment", *args]) == 1
+    assert message in capsys.readouterr().err
+
+
+def test_a_variant_may_not_set_the_dataset(tmp_path, capsys):
+    variants = tmp_path / "v.toml"
+    variants.write_text('[odd]\ndataset = "text8"\n')
+    assert cli(["experiment", f"--variants={variants}"]) == 1
+    assert "variant 'odd'" in capsys.readouterr().err

@@ -82,14 +82,20 @@ def test_training_learns_and_records_everything(data_dir, tmp_path):
     model_from_checkpoint(ckpt)
 
 
-def test_exact_resume(data_dir, tmp_path):
+# the model options and Muon + WSD (optimizer state of both Muon and AdamW in the checkpoint)
+MODERN = dict(optimizer="muon", lr_schedule="wsd", position="rope", norm="rmsnorm", qk_norm=True, mlp="relu2",
+              tie_embeddings=False, logit_softcap=15.0, zero_init_proj=True)  # fmt: skip
+
+
+@pytest.mark.parametrize("recipe", [{}, MODERN], ids=["gpt2", "modern"])
+def test_exact_resume(data_dir, tmp_path, recipe):
     """N + M iterations in one run == N, a stop, and M more with init_from=resume: bit for bit on the CPU
     (dropout and two micro-steps per iteration included). The first part stops between two evals."""
     whole, part = tmp_path / "whole", tmp_path / "part"
-    train(tiny(data_dir, whole, max_iters=10))
-    train(tiny(data_dir, part, max_iters=5))
+    train(tiny(data_dir, whole, max_iters=10, **recipe))
+    train(tiny(data_dir, part, max_iters=5, **recipe))
     assert load_checkpoint(part)["iter_num"] == 5
-    train(tiny(data_dir, part, max_iters=10, init_from="resume"))
+    train(tiny(data_dir, part, max_iters=10, init_from="resume", **recipe))
 
     assert loss_by_iter(part) == loss_by_iter(whole)  # the first part's records are kept
     evals = lambda out: {r["iter"]: r["val_loss"] for r in read_metrics(out) if "val_loss" in r}

@@ -7,7 +7,7 @@ from typing import Any
 
 from nanogpt.checkpoint import model_from_checkpoint
 from nanogpt.errors import NanoGPTError
-from nanogpt.model import GPT, GPTConfig, padded_vocab_size
+from nanogpt.model import ARCHITECTURE, GPT, GPTConfig, padded_vocab_size
 from nanogpt.train.config import TrainConfig
 
 
@@ -34,9 +34,13 @@ def init_model(cfg: TrainConfig, meta: dict, ckpt: dict[str, Any] | None) -> GPT
                 n_embd=cfg.n_embd,
                 dropout=cfg.dropout,
                 bias=cfg.bias,
+                rope_base=cfg.rope_base,
+                zero_init_proj=cfg.zero_init_proj,
+                **{k: getattr(cfg, k) for k in ARCHITECTURE},
             )
         )
     else:
+        check_gpt2_options(cfg)
         print(f"initializing from OpenAI GPT-2 weights: {cfg.init_from}")
         model = GPT.from_pretrained(cfg.init_from, dict(dropout=cfg.dropout))
         if cfg.block_size < model.config.block_size:
@@ -47,3 +51,13 @@ def init_model(cfg: TrainConfig, meta: dict, ckpt: dict[str, Any] | None) -> GPT
             f"({model.config.vocab_size}): init_from={cfg.init_from!r} does not match dataset={cfg.dataset!r}"
         )
     return model
+
+
+def check_gpt2_options(cfg: TrainConfig) -> None:
+    """GPT-2 weights are GPT-2's architecture: model options beyond it in cfg cannot apply to them."""
+    asked = GPTConfig(**{k: getattr(cfg, k) for k in ARCHITECTURE}).non_gpt2_options()
+    if asked:  # init_from names GPT-2 weights here
+        raise NanoGPTError(
+            f"init_from={cfg.init_from!r} loads GPT-2's architecture, which has none of {', '.join(asked)}: "
+            "leave those options out (or train from scratch)"
+        )

@@ -1,5 +1,5 @@
-"""The optimizer of a training run: AdamW for every parameter (GPT-2's and nanoGPT's), or Muon for the
-blocks' matrices and AdamW for the rest (modded-nanogpt's and nanochat's split).
+"""The optimizer of a training run: AdamW for every parameter (GPT.configure_optimizers, nanoGPT's), or
+Muon for the blocks' matrices and AdamW for the rest (modded-nanogpt's and nanochat's split).
 
 Learning rates. `learning_rate` is AdamW's peak; `muon_learning_rate` is Muon's, in Keller Jordan's
 convention (torch.optim.Muon's adjust_lr_fn="original"): a matrix (rows, cols) moves by
@@ -11,41 +11,14 @@ in both (AdamW's and Muon's: p -= lr * weight_decay * p), on matrices only.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Iterator
 
 import torch
 from torch import nn
 
 from nanogpt.errors import NanoGPTError
-
-
-def adamw(
-    params: list[nn.Parameter],
-    weight_decay: float,
-    learning_rate: float,
-    betas: tuple[float, float],
-    device_type: str,
-) -> torch.optim.AdamW:
-    """AdamW over params, with weight decay on matrices (>= 2-D: Linear weights, embeddings) and none on
-    biases and norm gains."""
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    print(
-        f"num decayed parameter tensors: {len(decay)}, with {sum(p.numel() for p in decay):,} parameters\n"
-        f"num non-decayed parameter tensors: {len(no_decay)}, with "
-        f"{sum(p.numel() for p in no_decay):,} parameters"
-    )
-    # the fused kernel updates all parameters in one pass (CUDA, and CPU since torch 2.4: 7% faster
-    # steps of the shakespeare_char_cpu model here); checked at run time, not by version
-    fused = "fused" in inspect.signature(torch.optim.AdamW).parameters and device_type in ("cuda", "cpu")
-    extra = {"fused": True} if fused else {"foreach": True}
-    print(f"using fused AdamW: {fused}")
-    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **extra)
+from nanogpt.model import GPT
+from nanogpt.train.config import TrainConfig
 
 
 class ChainedOptimizer:
@@ -79,7 +52,7 @@ def is_hidden_matrix(name: str, p: nn.Parameter) -> bool:
 
 
 def muon_with_adamw(
-    model: nn.Module,
+    model: GPT,
     muon_learning_rate: float,
     momentum: float,
     weight_decay: float,
@@ -87,9 +60,9 @@ def muon_with_adamw(
     betas: tuple[float, float],
     device_type: str,
 ) -> ChainedOptimizer:
-    """Muon (torch.optim.Muon) for the blocks' matrices, AdamW for the embeddings, the head, biases and
-    gains. Muon orthogonalises whole matrices: under FSDP, where each process holds a shard of each, it
-    would orthogonalise the shards, so that is refused."""
+    """Muon (torch.optim.Muon) for the blocks' matrices, AdamW (GPT.configure_optimizers) for the
+    embeddings, the head, biases and gains. Muon orthogonalises whole matrices: under FSDP, where each
+    process holds a shard of each, it would orthogonalise the shards, so that is refused."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # tied weights appear once
     matrices = [p for n, p in named if is_hidden_matrix(n, p)]
     if any(type(p).__name__ == "DTensor" for p in matrices):
@@ -107,11 +80,15 @@ def muon_with_adamw(
         adjust_lr_fn="original",
     )
     rest = [p for n, p in named if not is_hidden_matrix(n, p)]
-    return ChainedOptimizer(muon, adamw(rest, weight_decay, learning_rate, betas, device_type))
+    return ChainedOptimizer(
+        muon, model.configure_optimizers(weight_decay, learning_rate, betas, device_type, rest)
+    )
 
 
-def build_optimizer(model: nn.Module, cfg, device_type: str) -> torch.optim.Optimizer | ChainedOptimizer:
-    """The optimizer cfg (a TrainConfig) names, over model's trainable parameters."""
+def build_optimizer(
+    model: GPT, cfg: TrainConfig, device_type: str
+) -> torch.optim.Optimizer | ChainedOptimizer:
+    """The optimizer cfg names, over model's trainable parameters."""
     betas = (cfg.beta1, cfg.beta2)
     if cfg.optimizer == "muon":
         return muon_with_adamw(
@@ -123,5 +100,4 @@ def build_optimizer(model: nn.Module, cfg, device_type: str) -> torch.optim.Opti
             betas,
             device_type,
         )
-    params = [p for p in model.parameters() if p.requires_grad]  # tied weights appear once
-    return adamw(params, cfg.weight_decay, cfg.learning_rate, betas, device_type)
+    return model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, betas, device_type)

@@ -54,6 +54,7 @@ from nanogpt.train.config import TrainConfig, load_train_config, train_help
 from nanogpt.train.distributed import DistEnv
 from nanogpt.train.metrics import NullLog, RunLog
 from nanogpt.train.model_init import init_model
+from nanogpt.train.optim import build_optimizer
 from nanogpt.train.schedule import get_lr
 from nanogpt.train.step import Batch, TrainStep, new_scaler
 
@@ -76,7 +77,8 @@ def main(argv: list[str]) -> int:
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Train (or only evaluate) as `cfg` says. Returns final_train_loss (of the last eval), final_val_loss,
     best_val_loss, total_train_time (seconds in optimizer steps, evals and checkpoints excluded),
-    tokens_per_sec, iter_num, out_dir and stopped_by (the signal that stopped it early, or None)."""
+    elapsed_s (wall seconds, all included), tokens_per_sec, iter_num, out_dir and stopped_by (the signal
+    that stopped it early, or None)."""
     device = resolve_device(cfg.device)
     keep_freed_memory(device)  # no page faults for each CPU step's activations
     env = distributed.init(device, cfg.backend)
@@ -151,6 +153,7 @@ class Run:
         )
         _seed_everything(cfg.seed + env.rank)  # dropout differs across ranks, like their batches
         self.iter_num, self.best_val_loss, self.train_time = 0, math.inf, 0.0
+        self.elapsed_before, self.started, self.eval_seconds = 0.0, time.perf_counter(), 0.0
         if ckpt is not None:
             self._restore(ckpt)
         self.start_iter = self.iter_num
@@ -173,9 +176,8 @@ class Run:
         if wants_compile(cfg.compile, self.device):
             print("compiling the model... (takes a ~minute)")
             self.model = torch.compile(self.wrapped, options=compile_options(self.device))
-        optimizer = self.raw_model.configure_optimizers(
-            cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type(self.device)
-        )
+        optimizer = build_optimizer(self.raw_model, cfg, device_type(self.device))
+        self.peak_lrs = [group["lr"] for group in optimizer.param_groups]  # AdamW's and Muon's peaks
         self.step = TrainStep(
             self.model,
             self.wrapped,
@@ -190,6 +192,7 @@ class Run:
     def _restore(self, ckpt: dict[str, Any]) -> None:
         """Continue a checkpoint's run exactly: its optimizer, gradient scaler, batch stream and generators."""
         self.iter_num, self.best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
+        self.elapsed_before = ckpt.get("elapsed_s", 0.0)  # wall time of the parts before, evals included
         set_optimizer_state_dict(self.wrapped, self.step.optimizer, ckpt["optimizer"], options=FULL_STATE)
         if ckpt["scaler"]:
             self.step.scaler.load_state_dict(ckpt["scaler"])
@@ -203,17 +206,20 @@ class Run:
             )
 
     def loop(self, stop: StopRequest, log: RunLog | NullLog) -> None:
-        """Until max_iters: evaluate (and save) every eval_interval, one optimizer step per iteration, and
-        stop early, saved, at a signal."""
+        """Until max_iters (or the max_seconds budget, with a final evaluation): evaluate (and save) every
+        eval_interval, one optimizer step per iteration, and stop early, saved, at a signal."""
         cfg = self.cfg
+        self.started = time.perf_counter()
         while True:
-            if self.iter_num % cfg.eval_interval == 0 or self.iter_num == cfg.max_iters or cfg.eval_only:
+            spent = self.budget_spent()
+            done = cfg.eval_only or self.iter_num >= cfg.max_iters or (spent is not None and spent >= 1)
+            if self.iter_num % cfg.eval_interval == 0 or done:
                 self.evaluate(log)
-            if cfg.eval_only or self.iter_num >= cfg.max_iters:
+            if done:
                 if self.env.master and not cfg.eval_only:  # complete: a stopped part's state is superseded
                     discard_resume(cfg.out_dir)
                 return
-            self.train_one_step(log)
+            self.train_one_step(log, spent)
             # SIGINT / SIGTERM: every rank stops after the same step
             if distributed.any_rank(stop.signal_name is not None, self.env, self.device):
                 self.save(log, CKPT_NAME if cfg.always_save_checkpoint else RESUME_NAME)
@@ -223,27 +229,53 @@ class Run:
                 )
                 return
 
+    def elapsed_s(self) -> float:
+        """Wall seconds of the run so far, evaluations and checkpoints included (earlier parts too)."""
+        return self.elapsed_before + time.perf_counter() - self.started
+
+    def budget_spent(self) -> float | None:
+        """The share of max_seconds spent once the final evaluation is done (timed as the last one), the
+        same on every rank; None without a budget."""
+        if not self.cfg.max_seconds:
+            return None
+        spent = (self.elapsed_s() + self.eval_seconds) / self.cfg.max_seconds
+        return distributed.all_sum([spent], self.env, self.device)[0] / self.env.world_size
+
     def evaluate(self, log: RunLog | NullLog) -> None:
         """Estimate the train and val loss; save a checkpoint if val improved (or always, if so asked)."""
+        t0, elapsed = time.perf_counter(), self.elapsed_s()
         losses = estimate_loss(
             self.model, self.data_dir, self.cfg, self.block_size, self.device, self.autocast, self.env
         )
         _check_finite(losses["val"] + losses["train"], self.iter_num, self.cfg.out_dir)
         self.last_eval = losses
-        log.log_eval({"iter": self.iter_num, "train_loss": losses["train"], "val_loss": losses["val"]})
+        record = {"iter": self.iter_num, "train_loss": losses["train"], "val_loss": losses["val"]}
+        log.log_eval(record | {"elapsed_s": elapsed})  # wall seconds when this evaluation began
         if losses["val"] < self.best_val_loss or self.cfg.always_save_checkpoint:
             self.best_val_loss = min(self.best_val_loss, losses["val"])
             if self.iter_num > self.start_iter:  # the state at start_iter is already on disk (or is GPT-2's)
                 self.save(log)
+        self.eval_seconds = time.perf_counter() - t0
 
-    def train_one_step(self, log: RunLog | NullLog) -> None:
-        """Set the learning rate, take one optimizer step, and log it every log_interval iterations."""
+    def train_one_step(self, log: RunLog | NullLog, progress: float | None = None) -> None:
+        """Set the learning rate, take one optimizer step, and log it every log_interval iterations.
+        progress: the share of the time budget spent, which the schedule follows (None: by iteration)."""
         cfg = self.cfg
         lr = cfg.learning_rate
         if cfg.decay_lr:
-            lr = get_lr(self.iter_num, cfg.learning_rate, cfg.warmup_iters, cfg.lr_decay_iters, cfg.min_lr)
-        for param_group in self.step.optimizer.param_groups:
-            param_group["lr"] = lr
+            lr = get_lr(
+                self.iter_num,
+                cfg.learning_rate,
+                cfg.warmup_iters,
+                cfg.lr_decay_iters,
+                cfg.min_lr,
+                cfg.lr_schedule,
+                cfg.decay_fraction,
+                progress,
+            )
+        # every group on the same schedule, each from its own peak (AdamW's learning_rate, Muon's)
+        for param_group, peak in zip(self.step.optimizer.param_groups, self.peak_lrs, strict=True):
+            param_group["lr"] = lr * (peak / cfg.learning_rate)
         t0 = time.perf_counter()
         loss, grad_norm = self.step(self.batches)
         if self.iter_num % cfg.log_interval == 0:  # reading the loss waits for the GPU: only here
@@ -284,6 +316,7 @@ class Run:
                 rng=rng,
                 loader=self.batches.resume_state,
             )
+            ckpt["elapsed_s"] = self.elapsed_s()  # a resumed run's clock (and time budget) goes on from here
             log.message(f"saving checkpoint to {save_checkpoint(ckpt, self.cfg.out_dir, name)}")
 
     def result(self, stopped_by: str | None) -> dict[str, Any]:
@@ -293,6 +326,7 @@ class Run:
             "final_val_loss": self.last_eval.get("val", math.nan),
             "best_val_loss": self.best_val_loss,
             "total_train_time": self.train_time,
+            "elapsed_s": self.elapsed_s(),
             "tokens_per_sec": self.tokens_per_iter * steps / self.train_time if self.train_time else math.nan,
             "iter_num": self.iter_num,
             "out_dir": self.cfg.out_dir,
