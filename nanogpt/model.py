@@ -56,7 +56,10 @@ def norm_layer(config: GPTConfig) -> nn.Module:
     return LayerNorm(config.n_embd, bias=config.bias)
 
 
-def rotary(pos: torch.Tensor, head_size: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+RotaryAngles = tuple[torch.Tensor, torch.Tensor]  # (cos, sin) of each position's angles, from rotary()
+
+
+def rotary(pos: torch.Tensor, head_size: int, base: float) -> RotaryAngles:
     """cos and sin of the rotary angles (RoPE, Su et al. 2021) at positions pos, (T,) or (B, T) -> each
     (1 or B, 1, T, head_size / 2), broadcasting over heads. Dimension pair i turns by pos * base^(-2i/hs).
     Float32 whatever the model's dtype (in bf16 the angle of position 500 is off by a radian)."""
@@ -159,10 +162,7 @@ class CausalSelfAttention(nn.Module):
         return self.bias[S - T : S, :S] if visible is None else visible
 
     def forward(
-        self,
-        x: torch.Tensor,
-        kv_cache: KVCache | None = None,
-        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        self, x: torch.Tensor, kv_cache: KVCache | None = None, rope: RotaryAngles | None = None
     ) -> torch.Tensor:
         """x (B, T, C) -> (B, T, C). rope: the rotary angles' (cos, sin) of the T positions, if rotary."""
         B, T, C = x.size()  # batch, sequence length, n_embd
@@ -256,10 +256,7 @@ class Block(nn.Module):
         self.mlp = SwiGLU(config) if config.mlp == "swiglu" else MLP(config)
 
     def forward(
-        self,
-        x: torch.Tensor,
-        kv_cache: KVCache | None = None,
-        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        self, x: torch.Tensor, kv_cache: KVCache | None = None, rope: RotaryAngles | None = None
     ) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), kv_cache, rope)
         x = x + self.mlp(self.ln_2(x))
