@@ -64,7 +64,7 @@ def saved_bytes(model: GPT, optimizer: torch.optim.Optimizer, lora: bool) -> int
         return f.tell()
 
 
-def worker(mode: str, data_dir: Path, steps: int, batch: int, block: int) -> dict:
+def worker(mode: str, data_dir: Path, steps: int, batch: int, block: int, dtype: str) -> dict:
     """One mode's measurement, in this process: model, optimizer, `steps` timed steps after one warm-up."""
     torch.manual_seed(0)
     model = GPT(GPT2_124M)
@@ -76,7 +76,8 @@ def worker(mode: str, data_dir: Path, steps: int, batch: int, block: int) -> dic
     optimizer = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), "cpu")
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     trained = [p for p in model.parameters() if p.requires_grad]
-    step = TrainStep(model, model, trained, optimizer, scaler, nullcontext())
+    context = nullcontext() if dtype == "float32" else torch.autocast("cpu", dtype=torch.bfloat16)
+    step = TrainStep(model, model, trained, optimizer, scaler, context)
     next_batch = batches(data_dir, batch, block)
     times, losses = [], []
     for i in range(steps + 1):
@@ -123,11 +124,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="processes per mode, alternated")
     parser.add_argument("--data_dir", default="data")
     parser.add_argument("--json", default="")
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="bfloat16: autocast, as training on a CPU with native bf16",
+    )
     parser.add_argument("--worker", choices=["full", "lora"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     data_dir = Path(args.data_dir)
     if args.worker:
-        print(json.dumps(worker(args.worker, data_dir, args.steps, args.batch, args.block)))
+        print(json.dumps(worker(args.worker, data_dir, args.steps, args.batch, args.block, args.dtype)))
         return
     prepare(data_dir)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -146,7 +153,7 @@ def main() -> None:
     report = {
         "cpu": device_name("cpu"),
         "threads": 1,
-        "model": "GPT-2 124M shape, random weights, float32",
+        "model": f"GPT-2 124M shape, random weights, {args.dtype}",
         "batch": f"{args.batch} x {args.block}",
         "lora": {
             "rank": LORA.rank,

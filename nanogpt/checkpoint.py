@@ -6,7 +6,7 @@ A checkpoint is a dict (training_checkpoint writes it):
     model_args      GPTConfig fields
     tokenizer       the tokenizer's meta (a char vocabulary included), so sampling needs no data folder
     config          the training config it was made with
-    iter_num, best_val_loss
+    iter_num, best_val_loss, train_time
     optimizer, scaler, rng, loader   (training state for exact resume)
 Everything in it is a tensor, number, string, list or dict: `torch.load(weights_only=True)` reads it.
 
@@ -16,6 +16,7 @@ for training on (resume_model) and for inference (load_model, load_for_inference
 
 from __future__ import annotations
 
+import pickle
 import random
 from pathlib import Path
 from typing import Any
@@ -40,8 +41,9 @@ def checkpoint_path(path: str | Path) -> Path:
 
 
 def clean_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop the `_orig_mod.` prefix that a torch.compile'd module adds to every key."""
-    return {k.replace("_orig_mod.", ""): v for k, v in state_dict.items()}
+    """Drop the `_orig_mod.` prefix that a torch.compile'd module adds to every key, and the causal
+    mask that nanoGPT saves as `attn.bias` where torch has no flash attention (ours is not saved)."""
+    return {k.replace("_orig_mod.", ""): v for k, v in state_dict.items() if not k.endswith(".attn.bias")}
 
 
 def resume_path(out_dir: str | Path) -> Path:
@@ -71,11 +73,25 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     """Read a checkpoint (an out_dir or the file itself) with weights_only=True: no code runs."""
     file = checkpoint_path(path)
     if not file.is_file():
-        raise NanoGPTError(f"no checkpoint at {file}: train one with `nanogpt train --out_dir={Path(path)}`")
+        out_dir = file.parent if file.name in (CKPT_NAME, RESUME_NAME) else file
+        raise NanoGPTError(f"no checkpoint at {file}: train one with `nanogpt train --out_dir={out_dir}`")
     try:
         ckpt = torch.load(file, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" not in str(e):  # not a refused class: bytes that are no valid pickle
+            lines = [line.strip() for line in str(e).splitlines()]
+            reason = next((line for line in lines if line.startswith("Unsupported")), "not a pickle")
+            raise NanoGPTError(
+                f"checkpoint {file} is damaged or not a nanogpt checkpoint ({reason})"
+            ) from None
+        # torch's own text for a refusal invites weights_only=False: never do that
+        raise NanoGPTError(
+            f"{file} holds objects other than tensors and plain data: refused, loading it could run code "
+            "(a nanogpt checkpoint never does)"
+        ) from None
     except Exception as e:  # a damaged pickle fails in many ways (IndexError, KeyError, EOFError, ...)
-        raise NanoGPTError(f"checkpoint {file} is damaged or not a nanogpt checkpoint ({e})") from None
+        reason = f"{type(e).__name__}: {e}" if str(e) else f"{type(e).__name__}, {file.stat().st_size} bytes"
+        raise NanoGPTError(f"checkpoint {file} is damaged or not a nanogpt checkpoint ({reason})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
         raise NanoGPTError(f"{file} is not a nanogpt checkpoint (no 'model' / 'model_args')")
     return ckpt
@@ -92,9 +108,11 @@ def training_checkpoint(
     tokenizer: dict[str, Any],
     rng: list[dict[str, Any]],
     loader: dict[str, Any],
+    train_time: float,
 ) -> dict[str, Any]:
     """The dict a training run saves: everything that decides its next steps (rng: one state per rank;
-    loader: the batch stream's position before the batch not yet trained on)."""
+    loader: the batch stream's position before the batch not yet trained on) and the seconds spent in
+    optimizer steps so far (a run stopped and continued reports its whole training time)."""
     return {
         "model": clean_state_dict(model),
         "optimizer": optimizer,
@@ -106,13 +124,55 @@ def training_checkpoint(
         "tokenizer": tokenizer,
         "rng": rng,
         "loader": loader,
+        "train_time": train_time,
     }
 
 
 def model_from_checkpoint(ckpt: dict[str, Any], **overrides: Any) -> GPT:
-    """The checkpoint's model; overrides change GPTConfig fields that do not shape weights (dropout)."""
-    model = GPT(GPTConfig(**{**ckpt["model_args"], **overrides}))
-    model.load_state_dict(clean_state_dict(ckpt["model"]))
+    """The checkpoint's model (a LoRA run's: its base with its adapters); overrides change GPTConfig
+    fields that do not shape weights (dropout)."""
+    if ckpt.get("lora"):
+        from nanogpt.lora import adapt_base
+
+        base = base_model(ckpt["lora"]["base"], ckpt["model_args"]["block_size"], **overrides)
+        return adapt_base(base, ckpt["lora"], ckpt["model"])
+    try:
+        model = GPT(GPTConfig(**{**ckpt["model_args"], **overrides}))
+    except TypeError as e:  # a key GPTConfig does not have
+        raise NanoGPTError(f"not a nanogpt checkpoint (model_args: {e})") from None
+    try:
+        model.load_state_dict(clean_state_dict(ckpt["model"]))
+    except (RuntimeError, AttributeError) as e:  # a missing, unexpected or misshapen tensor
+        first = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), type(e).__name__)
+        raise NanoGPTError(
+            f"not a nanogpt checkpoint (its weights do not fit its model_args: {first})"
+        ) from None
+    return model
+
+
+def is_hf_source(source: str | Path) -> bool:
+    """A GPT-2 name or a local HF GPT-2 folder (weights beside config.json: a training out_dir has a
+    config.json too, its training config)."""
+    from nanogpt.hf import PRETRAINED
+
+    path = Path(source)
+    hf_weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+    return str(source) in PRETRAINED or (
+        (path / "config.json").is_file() and any((path / w).is_file() for w in hf_weights)
+    )
+
+
+def base_model(source: str, block_size: int = 0, **overrides: Any) -> GPT:
+    """The model a fine-tuning run starts from: GPT-2 weights (a name or a local HF folder) or a
+    checkpoint (ours, a LoRA one merged, or nanoGPT's), cropped to block_size if that is shorter."""
+    if is_hf_source(source):
+        model = GPT.from_pretrained(str(source), overrides)
+    else:
+        from nanogpt.lora import merge_lora
+
+        model = merge_lora(model_from_checkpoint(load_checkpoint(source), **overrides))
+    if 0 < block_size < model.config.block_size:
+        model.crop_block_size(block_size)  # model surgery: a shorter context
     return model
 
 
@@ -150,27 +210,42 @@ def restore_rng(state: dict[str, Any], device: str) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def load_model(source: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, Any]:
-    """A model and its tokenizer from a training out_dir / checkpoint file, a GPT-2 name or a local HF
-    GPT-2 folder (GPT-2 BPE tokenizer). The model is in eval mode on `device`."""
+def load_model(source: str | Path, device: str | torch.device = "cpu", meta: str = "") -> tuple[GPT, Any]:
+    """A model and its tokenizer from a training out_dir / checkpoint file (ours, a LoRA run's: base +
+    adapters, or karpathy/nanoGPT's: `meta` is its dataset's meta.pkl, found as nanoGPT does if not
+    given), a GPT-2 name or a local HF GPT-2 folder (GPT-2 BPE tokenizer). The model is in eval mode on
+    `device`."""
     from nanogpt.data.tokenizers import get_tokenizer, tokenizer_from_meta
-    from nanogpt.hf import PRETRAINED
+    from nanogpt.from_nanogpt import is_nanogpt_checkpoint, nanogpt_tokenizer
 
-    source_path = Path(source)
-    # HF weights beside config.json: a training out_dir has a config.json too (its training config)
-    hf_weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
-    is_hf_folder = (source_path / "config.json").is_file() and any(
-        (source_path / w).is_file() for w in hf_weights
-    )
-    if str(source) in PRETRAINED or is_hf_folder:
+    if is_hf_source(source):
         model = GPT.from_pretrained(str(source))
         tokenizer = get_tokenizer("gpt2")
     else:
-        ckpt = load_checkpoint(source_path, map_location="cpu")
+        ckpt = load_checkpoint(source, map_location="cpu")
         model = model_from_checkpoint(ckpt)
-        meta = ckpt.get("tokenizer")
-        tokenizer = tokenizer_from_meta(meta) if meta else get_tokenizer("gpt2")
+        if is_nanogpt_checkpoint(ckpt):
+            tokenizer = nanogpt_tokenizer(ckpt, checkpoint_path(source), model.config.vocab_size, meta)
+        else:
+            tokenizer = tokenizer_from_meta(ckpt["tokenizer"])
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise NanoGPTError(
+            f"{source}: its tokenizer ({tokenizer.name}, {tokenizer.vocab_size} tokens) has ids the model's "
+            f"vocabulary of {model.config.vocab_size} cannot read (a folder whose tokenizer does not match its "
+            "weights)"
+        )
     return model.to(device).eval(), tokenizer
+
+
+def describe_tokenizer(tokenizer: dict) -> str:
+    """A tokenizer's meta (as checkpoints and meta.json hold it) in a few words: kind and vocabulary size."""
+    from nanogpt.data.tokenizers import tokenizer_from_meta
+
+    try:
+        size = tokenizer_from_meta(tokenizer).vocab_size
+    except (NanoGPTError, KeyError, TypeError, ValueError):  # a damaged or foreign meta still gets named
+        size = "?"
+    return f"{tokenizer.get('name', '?')}, {size} tokens"
 
 
 def model_source(init_from: str, out_dir: str) -> str:
@@ -178,12 +253,12 @@ def model_source(init_from: str, out_dir: str) -> str:
     return out_dir if init_from == "resume" else init_from
 
 
-def load_for_inference(source: str, device: str, compile: bool) -> tuple[GPT, Any]:
+def load_for_inference(source: str, device: str, compile: bool, meta: str = "") -> tuple[GPT, Any]:
     """(model, tokenizer) in eval mode on `device`, compiled in place if asked (so every method that
-    calls the model, and the decoding engine, use the compiled forward)."""
+    calls the model, and the decoding engine, use the compiled forward). meta: a nanoGPT meta.pkl."""
     from nanogpt.perf import compile_options
 
-    model, tokenizer = load_model(source, device)
+    model, tokenizer = load_model(source, device, meta)
     if compile:
         model.compile(options=compile_options(device))
     return model, tokenizer

@@ -15,6 +15,7 @@ COMMANDS = {
     "eval": ("nanogpt.evaluate", "loss, perplexity and bits per character on a split or a file"),
     "bench": ("nanogpt.bench", "training and generation throughput, MFU"),
     "experiment": ("nanogpt.experiment", "several seeds x several datasets -> a table of results"),
+    "export": ("nanogpt.export", "a model as a HF folder, a GGUF file (llama.cpp) or a merged checkpoint"),
     "serve": ("nanogpt.serve.main", "OpenAI-compatible HTTP server with batched decoding and a playground"),
 }
 
@@ -34,8 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"nanogpt: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[command][0])
     try:
+        module = importlib.import_module(COMMANDS[command][0])  # inside: Ctrl-C during imports is clean too
         return int(module.main(rest) or 0)
     except NanoGPTError as e:
         print(f"nanogpt {command}: error: {e}", file=sys.stderr)

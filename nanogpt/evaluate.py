@@ -24,11 +24,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from nanogpt.checkpoint import load_for_inference, model_source, training_config
+from nanogpt.checkpoint import describe_tokenizer, load_for_inference, model_source, training_config
 from nanogpt.data.loader import load_split, read_meta, sequential_batches
 from nanogpt.data.tokenizers import tokenizer_from_meta
 from nanogpt.device import DtypeName, autocast, check_dtype, resolve_device, resolve_dtype
 from nanogpt.errors import NanoGPTError
+from nanogpt.files import read_utf8
 from nanogpt.model import GPT
 from nanogpt.options import parse_options
 
@@ -37,7 +38,8 @@ _DECODE_CHUNK = 1 << 20  # tokens decoded at once when counting the characters a
 
 @dataclass
 class EvalConfig:
-    init_from: str = "resume"  # "resume": the checkpoint in out_dir; or gpt2, gpt2-medium, ... or a HF folder
+    init_from: str = "resume"  # "resume": the checkpoint in out_dir; or gpt2, gpt2-medium, ... or a HF folder, or a checkpoint (ours or nanoGPT's)
+    meta: str = ""  # a nanoGPT checkpoint's meta.pkl; "": found as nanoGPT finds it, else GPT-2 BPE
     out_dir: str = "out"
     dataset: str = ""  # a dataset prepared under data_dir; "": the checkpoint's training dataset
     data_dir: str = "data"
@@ -138,11 +140,8 @@ def training_dataset(source: str) -> tuple[str, str]:
 def eval_tokens(cfg: EvalConfig, tokenizer: Any) -> tuple[np.ndarray, str]:
     """The tokens to evaluate on and a description of where they came from."""
     if cfg.file:
-        path = Path(cfg.file)
-        if not path.is_file():
-            raise NanoGPTError(f"--file {cfg.file!r} not found")
-        tokens = np.asarray(tokenizer.encode(path.read_text(encoding="utf-8")), dtype=np.int64)
-        where = str(path)
+        tokens = np.asarray(tokenizer.encode(read_utf8(cfg.file, "--file")), dtype=np.int64)
+        where = cfg.file
     else:
         dataset, data_dir = (cfg.dataset, cfg.data_dir)
         if not dataset:  # a checkpoint of ours: its training dataset
@@ -151,8 +150,8 @@ def eval_tokens(cfg: EvalConfig, tokenizer: Any) -> tuple[np.ndarray, str]:
         meta = read_meta(folder)
         if tokenizer_from_meta(meta["tokenizer"]).to_meta() != tokenizer.to_meta():
             raise NanoGPTError(
-                f"dataset {folder} was tokenized with {meta['tokenizer']['name']!r} but the model uses "
-                f"{tokenizer.name!r} (or another vocabulary): prepare it with the model's tokenizer"
+                f"dataset {folder} was tokenized with {describe_tokenizer(meta['tokenizer'])}, the model with "
+                f"{describe_tokenizer(tokenizer.to_meta())}: prepare the data with the model's tokenizer"
             )
         tokens = load_split(folder, cfg.split)
         where = f"{folder} {cfg.split}"
@@ -178,7 +177,7 @@ def main(argv: list[str]) -> int:
         return 0
     device = resolve_device(cfg.device)
     source = model_source(cfg.init_from, cfg.out_dir)
-    model, tokenizer = load_for_inference(source, device, cfg.compile)
+    model, tokenizer = load_for_inference(source, device, cfg.compile, cfg.meta)
     tokens, where = eval_tokens(cfg, tokenizer)
     metrics = evaluate(
         model, tokenizer, tokens, cfg.batch_size, cfg.block_size, device, resolve_dtype(cfg.dtype, device)

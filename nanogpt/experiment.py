@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,8 +95,9 @@ def train_and_val_logs(out_dir: Path) -> tuple[list[dict], list[dict]]:
     return [m for m in lines if "val_loss" not in m], [m for m in lines if "val_loss" in m]
 
 
-# how a run is shown or where it starts from: a folder that differs only in these is the same run
-_SAME_RUN_IGNORES = ("init_from", "progress")
+# how a run is shown, where it starts from or where it lies: a folder that differs only in these is the
+# same run (an experiment folder moved or copied elsewhere continues)
+_SAME_RUN_IGNORES = ("init_from", "progress", "out_dir", "data_dir")
 _EARLIER_NOTE = {"done": " (done earlier: kept)", "stopped": " (stopped earlier: resuming)", "none": ""}
 
 
@@ -110,7 +112,7 @@ def earlier_run(cfg: TrainConfig) -> str:
     else:
         return "none"
     config_file = run_dir / "config.json"
-    earlier = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    earlier = read_json(config_file) if config_file.is_file() else {}
     now = json.loads(json.dumps(to_dict(cfg)))  # as the trainer wrote it: tuples as lists
     differ = sorted(k for k in now.keys() - _SAME_RUN_IGNORES if earlier.get(k, now[k]) != now[k])
     if not earlier or differ:
@@ -121,12 +123,40 @@ def earlier_run(cfg: TrainConfig) -> str:
     return state
 
 
-def run_one(cfg: TrainConfig, inference_tokens: int) -> dict[str, Any] | None:
+def read_json(path: Path) -> Any:
+    """A JSON file the experiment wrote earlier, or an error naming it when it is damaged."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise NanoGPTError(
+            f"{path} is damaged ({e}): delete it and run the same command again (its run is redone or resumed)"
+        ) from None
+
+
+def check_datasets(base: TrainConfig, names: list[str]) -> None:
+    """Every dataset of the experiment is known or prepared, checked before the first run trains."""
+    from nanogpt.data.prepare import DATASETS
+
+    missing = [
+        n for n in names if n not in DATASETS and not (Path(base.data_dir) / n / "meta.json").is_file()
+    ]
+    if missing:
+        raise NanoGPTError(
+            f"unknown dataset(s) {', '.join(map(repr, missing))}: neither a known dataset ({', '.join(DATASETS)}) "
+            f"nor prepared under {base.data_dir} (nanogpt prepare NAME --source PATH)"
+        )
+
+
+class Stopped(Exception):
+    """A signal stopped the run in progress (it is saved, to resume); args[0] is the signal's name."""
+
+
+def run_one(cfg: TrainConfig, inference_tokens: int) -> dict[str, Any]:
     """Train one run, time a short generation from its checkpoint, write out_dir/final_info.json.
-    None if a signal stopped it (saved, to resume)."""
+    Raises Stopped if a signal stopped it (saved, to resume)."""
     result = train(cfg)
     if result["stopped_by"]:
-        return None
+        raise Stopped(result["stopped_by"])
     model, _ = load_model(cfg.out_dir, resolve_device(cfg.device))
     # float32 inference, like `nanogpt sample`'s default: comparable across runs and devices
     tokens_per_sec = generation_tokens_per_second(model, 1, inference_tokens)
@@ -260,28 +290,29 @@ def run_groups(opts: ExperimentOptions, overrides: dict[str, Any]) -> list[RunGr
     return groups
 
 
-def run_or_reuse(cfg: TrainConfig, inference_tokens: int) -> dict[str, Any] | None:
-    """A run's final info: kept from an earlier invocation, or trained now (a stopped one resumed). None
-    if a signal stopped it (saved, to resume)."""
+def run_or_reuse(cfg: TrainConfig, inference_tokens: int) -> dict[str, Any]:
+    """A run's final info: kept from an earlier invocation, or trained now (a stopped one resumed)."""
     state = earlier_run(cfg)
     print(f"=== experiment: {cfg.dataset}, seed {cfg.seed} -> {cfg.out_dir}{_EARLIER_NOTE[state]}")
     if state == "done":
-        return json.loads((Path(cfg.out_dir) / "final_info.json").read_text())
+        return read_json(Path(cfg.out_dir) / "final_info.json")
     if state == "stopped":
         cfg = set_fields(cfg, {"init_from": "resume"}, "experiment")
-    info = run_one(cfg, inference_tokens)
-    if info is None:
+    try:
+        return run_one(cfg, inference_tokens)
+    except Stopped:
         print(
             f"experiment stopped during {cfg.out_dir} (saved). To continue: the same command again; "
             "finished runs are kept and this one resumes"
         )
-    return info
+        raise
 
 
-def run_experiment(opts: ExperimentOptions, overrides: dict[str, Any]) -> dict[str, Any] | None:
-    """Every run of the experiment, then the aggregate files; returns the aggregate (final_info.json), or
-    None if a signal stopped a run (it is saved; the same call again continues the experiment)."""
+def run_experiment(opts: ExperimentOptions, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Every run of the experiment, then the aggregate files; returns the aggregate (final_info.json).
+    Raises Stopped if a signal stopped a run (it is saved; the same call again continues the experiment)."""
     groups = run_groups(opts, overrides)
+    check_datasets(groups[0].config, opts.dataset_names())
     out = Path(opts.out)
     rows: dict[str, list[dict]] = {}
     curves: dict[str, dict[str, list[dict]]] = {}
@@ -293,8 +324,6 @@ def run_experiment(opts: ExperimentOptions, overrides: dict[str, Any]) -> dict[s
                 set_fields(group.config, {"seed": seed, "out_dir": str(run_dir)}, "experiment"),
                 opts.inference_tokens,
             )
-            if info is None:
-                return None
             train_log, val_log = train_and_val_logs(run_dir)
             rows.setdefault(group.label, []).append(run_row(info, val_log, opts.target_loss))
             curves.setdefault(group.config.dataset, {})[f"{group.variant} seed {seed}".strip()] = val_log
@@ -320,5 +349,8 @@ def main(argv: list[str]) -> int:
     for key, instead in (("dataset", "--datasets"), ("out_dir", "--out")):
         if key in train_overrides:
             raise NanoGPTError(f"the experiment sets each run's {key}: use {instead}")
-    run_experiment(set_fields(ExperimentOptions(), own, "command line"), train_overrides)
+    try:
+        run_experiment(set_fields(ExperimentOptions(), own, "command line"), train_overrides)
+    except Stopped as stop:  # saved and resumable, but not finished: the shell's code for the signal
+        return 128 + signal.Signals[stop.args[0]].value
     return 0

@@ -11,7 +11,6 @@ converter writes them.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -21,21 +20,10 @@ import torch
 
 from nanogpt.errors import NanoGPTError
 from nanogpt.files import atomic_open
+from nanogpt.hf import require_gpt2
 from nanogpt.model import GPT, GPTConfig
 
 DTYPES = ("float32", "float16", "bfloat16")
-# GPTConfig fields GGUF's gpt2 architecture can express (the rest must keep their GPT-2 defaults)
-GPT2_FIELDS = {
-    "block_size",
-    "vocab_size",
-    "n_layer",
-    "n_head",
-    "n_embd",
-    "dropout",
-    "bias",
-    "gelu_approximate",
-    "attention",
-}
 # llama.cpp's pre-tokenizer of each of our split patterns ("llama-bpe" is LLaMA 3's, which is GPT-4's)
 PRE_TOKENIZER = {"gpt2": "gpt-2"}
 # our parameter name in a block -> llama.cpp's
@@ -55,21 +43,6 @@ def _gguf():
     except ImportError:
         raise NanoGPTError("GGUF export needs the gguf package: pip install 'nanogpt[gguf]'") from None
     return gguf
-
-
-def check_gpt2_shaped(cfg: GPTConfig) -> None:
-    """Refuse model options that GGUF's gpt2 architecture does not have (llama.cpp would compute another
-    function), naming them."""
-    other = [
-        f"{f.name}={getattr(cfg, f.name)!r}"
-        for f in dataclasses.fields(cfg)
-        if f.name not in GPT2_FIELDS and getattr(cfg, f.name) != f.default
-    ]
-    if other:
-        raise NanoGPTError(
-            f"GGUF export writes GPT-2's architecture; this model has other options ({', '.join(other)}): "
-            "export it with --format=hf or --format=ckpt"
-        )
 
 
 def gguf_names(cfg: GPTConfig) -> dict[str, str]:
@@ -115,7 +88,7 @@ def vocabulary(tokenizer: Any, vocab_size: int) -> tuple[list[str], list[str], l
     if pattern not in PRE_TOKENIZER:
         raise NanoGPTError(
             f"the tokenizer splits text with the {pattern!r} pattern, for which no llama.cpp pre-tokenizer is "
-            "checked here (only GPT-2's): export it with --format=hf"
+            "checked here (only GPT-2's): export it with --format=hf or --format=ckpt"
         )
     from nanogpt.data.bpe import hf_tokenizer
 
@@ -155,7 +128,7 @@ def write_gguf(model: GPT, tokenizer: Any, path: str | Path, dtype: str = "float
     if dtype not in DTYPES:
         raise NanoGPTError(f"GGUF dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     cfg = model.config
-    check_gpt2_shaped(cfg)
+    require_gpt2(cfg, "GGUF's gpt2 architecture")
     tokens, merges, types = vocabulary(tokenizer, cfg.vocab_size)
     gguf = _gguf()
     file_type = {"float32": "ALL_F32", "float16": "MOSTLY_F16", "bfloat16": "MOSTLY_BF16"}[dtype]

@@ -33,6 +33,42 @@ def _transformers():
     return transformers
 
 
+def read_complete_gpt2(name_or_path: str):
+    """transformers' GPT2LMHeadModel with every tensor from the files: another architecture, or a tensor
+    missing or misshapen (which transformers would fill with a random init and carry on), is refused."""
+    transformers = _transformers()
+    print(f"loading weights from pretrained gpt: {name_or_path}")
+    try:
+        model_type = transformers.AutoConfig.from_pretrained(name_or_path).model_type
+        if model_type != "gpt2":
+            raise NanoGPTError(
+                f"{name_or_path} holds a {model_type!r} model, not GPT-2: only GPT-2 weights load"
+            )
+        hf_model, report = transformers.GPT2LMHeadModel.from_pretrained(
+            name_or_path, output_loading_info=True
+        )
+    except (OSError, ValueError) as e:  # offline without a cached copy, a folder without weights, bad JSON
+        if isinstance(e, NanoGPTError):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise NanoGPTError(
+            f"could not load GPT-2 weights {name_or_path!r}: {first}. Hub names need the network once (then "
+            "they are cached); a local folder needs config.json and model.safetensors"
+        ) from None
+    missing = [
+        k
+        for k in report["missing_keys"]
+        if not k.endswith((".attn.bias", ".attn.masked_bias", "lm_head.weight"))
+    ]
+    bad = missing or [k for k, *_ in report["mismatched_keys"]]
+    if bad:
+        raise NanoGPTError(
+            f"{name_or_path} is not a complete GPT-2: {len(bad)} tensor(s) are missing from its files or have "
+            f"another shape ({', '.join(bad[:4])}{', ...' if len(bad) > 4 else ''}); it would load as random weights"
+        )
+    return hf_model
+
+
 def load_gpt2(name_or_path: str, override_args: dict | None = None) -> GPT:
     """Our GPT with the weights of a HF GPT-2: a hub name (PRETRAINED, needs the network once) or a
     local folder holding config.json + weights. Only dropout may be overridden."""
@@ -47,15 +83,7 @@ def load_gpt2(name_or_path: str, override_args: dict | None = None) -> GPT:
             f"{name_or_path!r} is neither a GPT-2 name ({', '.join(PRETRAINED)}) nor a local folder "
             "with a Hugging Face GPT-2 (config.json + model.safetensors)"
         )
-    transformers = _transformers()
-    print(f"loading weights from pretrained gpt: {name_or_path}")
-    try:
-        hf_model = transformers.GPT2LMHeadModel.from_pretrained(name_or_path)
-    except OSError as e:  # offline without a cached copy, or a folder without weights
-        raise NanoGPTError(
-            f"could not load GPT-2 weights {name_or_path!r}: {e}. Hub names need the network once (then "
-            "they are cached); a local folder needs config.json and model.safetensors"
-        ) from None
+    hf_model = read_complete_gpt2(name_or_path)
     hf_cfg = hf_model.config
     if hf_cfg.activation_function not in GELU_OF_HF:
         raise NanoGPTError(
@@ -93,8 +121,8 @@ def require_gpt2(cfg: GPTConfig, what: str) -> None:
     options = cfg.non_gpt2_options()
     if options:
         raise NanoGPTError(
-            f"{what} holds GPT-2's architecture only, and this model has {', '.join(options)}: "
-            "train it with GPT-2's options (the defaults) to use it there"
+            f"{what} holds GPT-2's architecture only, and this model has {', '.join(options)}: keep it as our "
+            "checkpoint (nanogpt export --format=ckpt), or train it with GPT-2's options (the defaults)"
         )
 
 

@@ -77,15 +77,47 @@ def _accepts(tp: Any, value: Any) -> Any:
     return value
 
 
+class CommandLineText(str):
+    """A value as typed after --key=: read as the field's type wants it (see _from_text)."""
+
+
 def _parse_literal(text: str) -> Any:
     """nanoGPT's rule: a Python literal if it parses as one (True, 3e-4, 'gpt2'), else the plain string."""
     try:
         return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
         return text
 
 
+def _takes_text(tp: Any) -> bool:
+    """Whether a field of type tp holds text (str, str | None, a Literal of strings)."""
+    if tp is str:
+        return True
+    origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        return all(isinstance(arg, str) for arg in typing.get_args(tp))
+    return origin in (typing.Union, types.UnionType) and any(_takes_text(arg) for arg in typing.get_args(tp))
+
+
+def _from_text(tp: Any, text: CommandLineText) -> Any:
+    """A free-text field takes the text as given (--start=1, --start=None and --start="'x'" are those
+    characters), except None for an optional one; a choice (Literal) takes one of its names, quoted or
+    not; any other field reads it as a Python literal."""
+    if typing.get_origin(tp) is typing.Literal and text not in typing.get_args(tp):
+        return _parse_literal(text)
+    if _takes_text(tp):
+        return None if text == "None" and _accepts_none(tp) else str(text)
+    return _parse_literal(text)
+
+
+def _accepts_none(tp: Any) -> bool:
+    return type(None) in typing.get_args(tp)
+
+
 def _type_name(tp: Any) -> str:
+    """How an error names a field's type: "int", "float | None", "one of auto, float32, ..."."""
+    if typing.get_origin(tp) is typing.Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(tp)))
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
@@ -102,6 +134,8 @@ def set_fields(cfg: C, values: dict[str, Any], where: str) -> C:
     for key, value in values.items():
         if key not in types_:
             raise NanoGPTError(f"unknown config key {key!r} ({where}).{did_you_mean(key, types_)}")
+        if isinstance(value, CommandLineText):
+            value = _from_text(types_[key], value)
         try:
             changes[key] = _accepts(types_[key], value)
         except TypeError:
@@ -123,6 +157,8 @@ def read_toml(path: str | Path) -> dict[str, Any]:
             return tomllib.load(f)
     except tomllib.TOMLDecodeError as e:
         raise NanoGPTError(f"config file {str(path)!r} is not valid TOML: {e}") from None
+    except UnicodeDecodeError:
+        raise NanoGPTError(f"config file {str(path)!r} is not UTF-8 text: save it as UTF-8 TOML") from None
 
 
 def parse_overrides(argv: list[str]) -> tuple[list[str], dict[str, Any]]:
@@ -139,7 +175,7 @@ def parse_overrides(argv: list[str]) -> tuple[list[str], dict[str, Any]]:
                     i += 1
                 else:
                     text = "True"
-            overrides[key.replace("-", "_")] = _parse_literal(text)
+            overrides[key.replace("-", "_")] = CommandLineText(text)
         else:
             positionals.append(arg)
         i += 1

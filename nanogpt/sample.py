@@ -10,7 +10,6 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TextIO, TypeVar
 
 import torch
@@ -18,6 +17,7 @@ import torch
 from nanogpt.checkpoint import load_for_inference, model_source
 from nanogpt.device import DtypeName, autocast, check_dtype, resolve_device, resolve_dtype
 from nanogpt.errors import NanoGPTError
+from nanogpt.files import read_utf8
 from nanogpt.generate import Sampling, decode_stream, generate_stream
 from nanogpt.model import GPT
 from nanogpt.options import parse_options
@@ -27,7 +27,8 @@ C = TypeVar("C")
 
 @dataclass
 class SampleConfig:
-    init_from: str = "resume"  # "resume": the checkpoint in out_dir; or gpt2, gpt2-medium, ... or a HF folder
+    init_from: str = "resume"  # "resume": the checkpoint in out_dir; or gpt2, gpt2-medium, ... or a HF folder, or a checkpoint (ours or nanoGPT's)
+    meta: str = ""  # a nanoGPT checkpoint's meta.pkl; "": found as nanoGPT finds it, else GPT-2 BPE
     out_dir: str = "out"
     start: str = "\n"  # the prompt, or "FILE:path" to read it from a file
     num_samples: int = 10
@@ -58,10 +59,7 @@ class SampleConfig:
 def read_prompt(start: str) -> str:
     if not start.startswith("FILE:"):
         return start
-    path = Path(start[len("FILE:") :])
-    if not path.is_file():
-        raise NanoGPTError(f"prompt file {str(path)!r} not found (--start=FILE:path)")
-    return path.read_text(encoding="utf-8")
+    return read_utf8(start[len("FILE:") :], "prompt file (--start=FILE:path)")
 
 
 def encode_prompt(text: str, tokenizer: Any, block_size: int) -> list[int]:
@@ -98,7 +96,9 @@ def sample(cfg: SampleConfig, out: TextIO | None = None) -> list[str]:
     generated; return the continuations."""
     out = out or sys.stdout
     device = resolve_device(cfg.device)
-    model, tokenizer = load_for_inference(model_source(cfg.init_from, cfg.out_dir), device, cfg.compile)
+    model, tokenizer = load_for_inference(
+        model_source(cfg.init_from, cfg.out_dir), device, cfg.compile, cfg.meta
+    )
     prompt_ids = encode_prompt(read_prompt(cfg.start), tokenizer, model.config.block_size)
     prompt = tokenizer.decode(prompt_ids)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)

@@ -77,7 +77,7 @@ def torchrun(
     if Path("/sys/class/net/lo").exists():
         env["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={port}", str(launcher), "train", *[f"--{k}={v!r}" for k, v in vars(cfg).items()]]  # fmt: skip
+           f"--master_port={port}", str(launcher), "train", *[f"--{k}={v}" for k, v in vars(cfg).items()]]  # fmt: skip
     return subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=timeout)
 
 

@@ -101,7 +101,7 @@ def test_dataset_of_another_tokenizer_is_refused(char_ckpt, data_dir, tmp_path, 
     prepare_dataset("bytes_corpus", source=tmp_path / "corpus.txt", data_dir=data_dir, tokenizer="byte")
     args = [f"--out_dir={out_dir}", f"--data_dir={data_dir}", "--dataset=bytes_corpus"]
     assert cli(["eval", "--device=cpu", *args]) == 1
-    assert "tokenized with 'byte'" in capsys.readouterr().err
+    assert "tokenized with byte, 256 tokens, the model with char, 65 tokens" in capsys.readouterr().err
 
 
 def test_bits_per_byte_and_per_char_differ_for_multibyte_text():

@@ -122,7 +122,7 @@ def test_a_stopped_experiment_continues_where_it_stopped(experiment, tmp_path, m
 
     with monkeypatch.context() as m:
         m.setattr(GPT, "forward", sigterm_in_seed_6)
-        stdout = run_experiment(out, data_dir)
+        stdout = run_experiment(out, data_dir, exit_code=128 + signal.SIGTERM)
     assert "the same command again" in stdout and not (out / "final_info.json").exists()
     seed_5, seed_6 = (out / "shakespeare_char" / f"seed_{s}" for s in (5, 6))
     assert (seed_5 / "final_info.json").is_file() and not (seed_6 / "final_info.json").exists()

@@ -125,26 +125,10 @@ def test_gguf_refuses_characters_and_non_gpt2_options(tmp_path, data_dir):
     with pytest.raises(NanoGPTError, match="byte-level BPE"):
         export(ExportConfig(out_dir=str(tmp_path / "char"), format="gguf", to=str(tmp_path / "x.gguf")))
     assert not (tmp_path / "x.gguf").exists()
-    from nanogpt.gguf_export import check_gpt2_shaped
-
-    fields = GPTConfig.__dataclass_fields__
-    extra = next(
-        (n for n in fields if n not in GPT2_TINY and n not in ("dropout", "gelu_approximate", "attention")),
-        None,
-    )
-    if extra is None:
-        pytest.skip("GPTConfig has no non-GPT-2 option yet")
-    default = fields[extra].default
-    other = {
-        bool: lambda v: not v,
-        str: lambda v: v + "_other",
-        int: lambda v: v + 1,
-        float: lambda v: v + 0.5,
-    }
-    cfg = GPTConfig(**GPT2_TINY)
-    object.__setattr__(cfg, extra, other[type(default)](default))
-    with pytest.raises(NanoGPTError, match=extra):
-        check_gpt2_shaped(cfg)
+    our_checkpoint(tmp_path / "rope", GPT(GPTConfig(**GPT2_TINY, position="rope")), get_tokenizer("gpt2"))
+    with pytest.raises(NanoGPTError, match="position='rope'.*--format=ckpt"):
+        export(ExportConfig(out_dir=str(tmp_path / "rope"), format="gguf", to=str(tmp_path / "y.gguf")))
+    assert not (tmp_path / "y.gguf").exists()
 
 
 def test_lora_run_merges_into_a_checkpoint_and_hf(gpt2_run, tmp_path):

@@ -8,6 +8,7 @@ import pytest
 
 from nanogpt.errors import NanoGPTError
 from nanogpt.options import parse_overrides, read_toml, set_fields
+from nanogpt.train.config import TrainConfig
 
 
 @dataclass
@@ -23,27 +24,23 @@ class Options:
             raise ValueError(f"max_iters must be >= 0, got {self.max_iters}")
 
 
-def test_values_are_python_literals_or_plain_strings():
+def test_values_are_read_as_their_fields_type():
+    """Typed fields read Python literals (nanoGPT's syntax); text fields keep the text as typed."""
     positionals, overrides = parse_overrides(
         [
             "preset",
             "--learning_rate=3e-4",
             "--compile=True",
-            "--init_from='gpt2'",
+            "--init_from=gpt2",
             "--max_iters",
             "5",
-            "--top_k=None",
+            "--wandb_run_name=1e3",
         ]
     )
     assert positionals == ["preset"]
-    assert overrides == {
-        "learning_rate": 3e-4,
-        "compile": True,
-        "init_from": "gpt2",
-        "max_iters": 5,
-        "top_k": None,
-    }
-    assert parse_overrides(["--init_from=resume", "--compile"])[1] == {"init_from": "resume", "compile": True}
+    cfg = set_fields(TrainConfig(), overrides, "test")
+    assert (cfg.learning_rate, cfg.compile, cfg.init_from, cfg.max_iters) == (3e-4, True, "gpt2", 5)
+    assert cfg.wandb_run_name == "1e3"  # text, not the float 1000.0
 
 
 def test_set_fields_converts_and_checks_types():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -48,7 +49,7 @@ def tiny(data_dir: Path, out_dir: Path, **overrides) -> TrainConfig:
 
 
 def cli_args(cfg: TrainConfig) -> list[str]:
-    return [f"--{k}={v!r}" for k, v in vars(cfg).items()]
+    return [f"--{k}={v}" for k, v in vars(cfg).items()]
 
 
 def loss_by_iter(out_dir: Path) -> dict[int, float]:
@@ -106,8 +107,8 @@ def test_exact_resume(data_dir, tmp_path, recipe):
 
 
 def test_sigterm_saves_and_resumes_exactly(data_dir, tmp_path):
-    """SIGTERM mid-run: the step finishes, a checkpoint is saved, exit 0 with a resume hint; resuming gives
-    the same losses as a run never stopped."""
+    """SIGTERM mid-run: the step finishes, a checkpoint is saved, exit 143 (128 + SIGTERM, so `train && next`
+    stops) with a resume hint; resuming gives the same losses as a run never stopped."""
     stopped, whole = tmp_path / "stopped", tmp_path / "whole"
     cfg = tiny(data_dir, stopped, max_iters=150, eval_interval=50)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -120,8 +121,8 @@ def test_sigterm_saves_and_resumes_exactly(data_dir, tmp_path):
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 0, output
-    assert "--init_from=resume" in output
+    assert proc.returncode == 128 + signal.SIGTERM, output
+    assert "--init_from=resume" in output and "Traceback" not in output
     stop_iter = load_checkpoint(stopped)["iter_num"]
     assert 0 < stop_iter < 150
 
@@ -168,22 +169,35 @@ def test_a_new_ckpt_supersedes_a_stopped_runs_resume_state(tmp_path):
     assert not (tmp_path / "resume.pt").exists() and resume_path(tmp_path) == tmp_path / "ckpt.pt"
 
 
-def test_kill_9_during_saves_leaves_a_good_checkpoint(data_dir, tmp_path):
-    """A checkpoint at every iteration, killed at an arbitrary moment: the last one on disk still loads."""
+def test_kill_9_during_saves_leaves_a_good_checkpoint_and_resumes(data_dir, tmp_path):
+    """A checkpoint at every iteration, killed (-9) at random moments three times, each time resumed: the
+    last checkpoint on disk always loads, training goes on from it, and the full-size temporary file a
+    kill leaves mid-save is removed at the next start."""
     out = tmp_path / "run"
     cfg = tiny(data_dir, out, max_iters=10_000, eval_interval=1, n_embd=64)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "nanogpt", "train", *cli_args(cfg)], env=env, cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.time() + 60
-    while not (out / "ckpt.pt").exists() and time.time() < deadline:
-        time.sleep(0.01)
-    time.sleep(0.5)  # several more saves in flight
-    proc.kill()
-    proc.wait(timeout=30)
-    ckpt = load_checkpoint(out)
-    assert ckpt["iter_num"] >= 1
-    model_from_checkpoint(ckpt)
+    rng, iters = random.Random(0), []
+    for attempt in range(3):
+        args = cli_args(set_fields(cfg, {"init_from": "resume"}, "test") if attempt else cfg)
+        proc = subprocess.Popen([sys.executable, "-m", "nanogpt", "train", *args], env=env, cwd=tmp_path,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        before = load_checkpoint(out)["iter_num"] if attempt else 0
+        deadline = time.time() + 60
+        while (
+            not (out / "ckpt.pt").exists() or load_checkpoint(out)["iter_num"] <= before
+        ) and time.time() < deadline:
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.05, 0.5))  # more saves in flight
+        proc.kill()
+        assert proc.wait(timeout=30) == -signal.SIGKILL, proc.stderr.read()
+        ckpt = load_checkpoint(out)
+        model_from_checkpoint(ckpt)
+        iters.append(ckpt["iter_num"])
+        (out / f".ckpt.pt.{2**22 + attempt}.tmp").write_bytes(b"x" * 1000)  # as a kill mid-save leaves it
+    assert iters == sorted(iters) and iters[0] >= 1 and iters[-1] > iters[0]
+    train(set_fields(cfg, {"init_from": "resume", "max_iters": iters[-1] + 2}, "test"))
+    assert load_checkpoint(out)["iter_num"] == iters[-1] + 2
+    assert not list(out.glob(".*.tmp"))  # the stale temporaries of dead processes are gone
 
 
 def test_non_finite_loss_stops_and_keeps_the_checkpoint(data_dir, tmp_path, monkeypatch):

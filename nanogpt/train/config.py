@@ -27,7 +27,7 @@ class TrainConfig:
     eval_iters: int = 200  # batches per split in each loss estimate (the same batches at every eval)
     eval_only: bool = False  # evaluate once at the start and exit (e.g. GPT-2 on OpenWebText)
     always_save_checkpoint: bool = True  # save at every eval, not only when the val loss improves
-    init_from: str = "scratch"  # scratch | resume (from out_dir) | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a local HF GPT-2 folder
+    init_from: str = "scratch"  # scratch | resume (from out_dir) | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a local HF GPT-2 folder | a checkpoint or out_dir (ours or nanoGPT's)
     # logging
     wandb_log: bool = False  # log to Weights & Biases (WANDB_MODE=offline works without an account)
     wandb_project: str = "owt"
@@ -92,6 +92,11 @@ class TrainConfig:
     dtype: DtypeName = "auto"  # auto: bfloat16 on CUDA that has it, float16 on older CUDA, else float32
     compile: bool | None = None  # torch.compile the model; None: on CUDA only
     seed: int = 1337  # model init, dropout and training batches (process k uses seed + k)
+    # LoRA fine-tuning (nanogpt/lora.py): base frozen, low-rank adapters on these Linears trained
+    lora_rank: int = 0  # 0: train every weight; r > 0: adapters of rank r (init_from must name a base)
+    lora_alpha: float = 16.0  # the adapters' update is scaled by lora_alpha / lora_rank
+    lora_dropout: float = 0.0  # dropout on the adapters' input
+    lora_targets: str = "c_attn,c_proj,c_fc"  # comma-separated Linear names inside the blocks
 
     def __post_init__(self):
         for name in ("eval_interval", "log_interval", "eval_iters", "gradient_accumulation_steps"):
@@ -114,9 +119,13 @@ class TrainConfig:
             f"warmup_iters ({self.warmup_iters}) must not exceed lr_decay_iters ({self.lr_decay_iters})",
         )
         _require(
-            self.init_from in ("scratch", "resume", *PRETRAINED) or Path(self.init_from).is_dir(),
-            f"init_from must be scratch, resume, {', '.join(PRETRAINED)} or a local Hugging Face GPT-2 "
-            f"folder, got {self.init_from!r}",
+            self.init_from in ("scratch", "resume", *PRETRAINED) or Path(self.init_from).exists(),
+            f"init_from must be scratch, resume, {', '.join(PRETRAINED)}, a local Hugging Face GPT-2 "
+            f"folder or a checkpoint (an out_dir or its ckpt.pt, ours or nanoGPT's), got {self.init_from!r}",
+        )
+        _require(
+            self.lora_rank == 0 or self.init_from != "scratch",
+            "lora_rank > 0 fine-tunes a base model: give --init_from (gpt2, a HF folder or a checkpoint)",
         )
 
 
@@ -134,7 +143,12 @@ def preset_names() -> list[str]:
 
 
 def read_preset(name_or_path: str) -> dict[str, Any]:
-    """A preset's values: a shipped preset name, or the path of a TOML file."""
+    """A preset's values: a shipped preset name, the path of a TOML file, or a nanoGPT config/*.py file
+    (read with `ast`, never run: nanogpt/from_nanogpt.py)."""
+    if name_or_path.endswith(".py"):
+        from nanogpt.from_nanogpt import read_nanogpt_config
+
+        return read_nanogpt_config(name_or_path)
     if name_or_path.endswith(".toml") or Path(name_or_path).is_file():
         return read_toml(name_or_path)
     names = preset_names()

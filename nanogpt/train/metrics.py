@@ -26,10 +26,23 @@ PLOT_NAME = "loss.png"
 
 
 def read_metrics(out_dir: str | Path) -> list[dict[str, Any]]:
+    """The records of out_dir/metrics.jsonl. A torn last line (a kill in the middle of an append) is
+    dropped; damage anywhere else is an error naming the line."""
     path = Path(out_dir) / METRICS_NAME
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number == len(lines):
+                break
+            raise NanoGPTError(
+                f"{path} is damaged at line {number} (not JSON): delete that line, or the file to start its log afresh"
+            ) from None
+    return records
 
 
 class RunLog:

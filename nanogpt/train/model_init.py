@@ -3,12 +3,30 @@
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
 from typing import Any
 
-from nanogpt.checkpoint import model_from_checkpoint
+from nanogpt.checkpoint import (
+    base_model,
+    describe_tokenizer,
+    is_hf_source,
+    load_checkpoint,
+    model_from_checkpoint,
+)
 from nanogpt.errors import NanoGPTError
+from nanogpt.lora import LoRAConfig, apply_lora, lora_entry, weights_sha256
 from nanogpt.model import ARCHITECTURE, GPT, GPTConfig, padded_vocab_size
 from nanogpt.train.config import TrainConfig
+
+GPT2_VOCAB_SIZE = 50257  # BPE tokens of OpenAI's GPT-2
+
+# the model's shape as a TrainConfig spells it (dropout is not shape: it may change on resume)
+SHAPE_KEYS = tuple(
+    f.name
+    for f in dataclasses.fields(GPTConfig)
+    if f.name in {g.name for g in dataclasses.fields(TrainConfig)} and f.name != "dropout"
+)
 
 
 def model_vocab_size(meta: dict) -> int:
@@ -21,30 +39,24 @@ def init_model(cfg: TrainConfig, meta: dict, ckpt: dict[str, Any] | None) -> GPT
     """A new model (scratch), the checkpoint's (resume: its shapes win over cfg's) or GPT-2's (cropped to
     cfg.block_size if that is shorter). Dropout always comes from cfg."""
     if ckpt is not None:
+        check_same_tokenizer(meta, ckpt.get("tokenizer"), f"{cfg.out_dir}'s checkpoint")
+        check_fits(GPTConfig(**ckpt["model_args"]), meta)
         print(f"resuming training from {cfg.out_dir} at iteration {ckpt['iter_num']}")
         model = model_from_checkpoint(ckpt, dropout=cfg.dropout)
     elif cfg.init_from == "scratch":
-        print("initializing a new model from scratch")
-        model = GPT(
-            GPTConfig(
-                block_size=cfg.block_size,
-                vocab_size=model_vocab_size(meta),
-                n_layer=cfg.n_layer,
-                n_head=cfg.n_head,
-                n_embd=cfg.n_embd,
-                dropout=cfg.dropout,
-                bias=cfg.bias,
-                rope_base=cfg.rope_base,
-                zero_init_proj=cfg.zero_init_proj,
-                **{k: getattr(cfg, k) for k in ARCHITECTURE},
-            )
+        config = GPTConfig(
+            **{k: getattr(cfg, k) for k in SHAPE_KEYS}, vocab_size=model_vocab_size(meta), dropout=cfg.dropout
         )
+        check_fits(config, meta)
+        print("initializing a new model from scratch")
+        model = GPT(config)
     else:
         check_gpt2_options(cfg)
-        print(f"initializing from OpenAI GPT-2 weights: {cfg.init_from}")
-        model = GPT.from_pretrained(cfg.init_from, dict(dropout=cfg.dropout))
-        if cfg.block_size < model.config.block_size:
-            model.crop_block_size(cfg.block_size)  # model surgery: a shorter context
+        print(f"initializing from {cfg.init_from}")
+        model = base_model(cfg.init_from, cfg.block_size, dropout=cfg.dropout)
+        check_base_tokenizer(cfg, meta, model.config.vocab_size)
+        if cfg.lora_rank:
+            model = with_lora(model, cfg)
     if meta["vocab_size"] > model.config.vocab_size:
         raise NanoGPTError(
             f"the dataset's vocabulary ({meta['vocab_size']} tokens) does not fit the model's "
@@ -53,11 +65,107 @@ def init_model(cfg: TrainConfig, meta: dict, ckpt: dict[str, Any] | None) -> GPT
     return model
 
 
+def check_base_tokenizer(cfg: TrainConfig, meta: dict, vocab_size: int) -> None:
+    """GPT-2 weights (GPT-2's vocabulary) read GPT-2 BPE ids; a checkpoint of ours the ids of its own
+    tokenizer (nanoGPT's name none, nor does a small HF folder: the vocabulary size check of init_model
+    is all there is)."""
+    if not is_hf_source(cfg.init_from):
+        check_same_tokenizer(meta, load_checkpoint(cfg.init_from).get("tokenizer"), cfg.init_from)
+    elif meta["tokenizer"]["name"] != "gpt2" and vocab_size >= GPT2_VOCAB_SIZE:
+        raise NanoGPTError(
+            f"init_from={cfg.init_from!r} reads GPT-2 BPE ids, but dataset {cfg.dataset!r} was prepared with the "
+            f"{meta['tokenizer']['name']!r} tokenizer: prepare it with --tokenizer gpt2"
+        )
+
+
 def check_gpt2_options(cfg: TrainConfig) -> None:
     """GPT-2 weights are GPT-2's architecture: model options beyond it in cfg cannot apply to them."""
     asked = GPTConfig(**{k: getattr(cfg, k) for k in ARCHITECTURE}).non_gpt2_options()
-    if asked:  # init_from names GPT-2 weights here
+    if is_hf_source(cfg.init_from) and asked:
         raise NanoGPTError(
             f"init_from={cfg.init_from!r} loads GPT-2's architecture, which has none of {', '.join(asked)}: "
             "leave those options out (or train from scratch)"
         )
+
+
+def with_lora(base: GPT, cfg: TrainConfig) -> GPT:
+    """base, frozen, with adapters as cfg.lora_* say. model.lora_entry names the base for the checkpoint
+    (a local path made absolute, so that the run loads from any folder) and hashes its weights."""
+    lora = LoRAConfig(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, tuple(cfg.lora_targets.split(",")))
+    local = Path(cfg.init_from).exists()
+    entry = lora_entry(
+        lora, str(Path(cfg.init_from).resolve()) if local else cfg.init_from, weights_sha256(base)
+    )
+    model = apply_lora(base, lora)
+    model.lora_entry = entry
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"LoRA rank {lora.rank} on {', '.join(lora.targets)}: {trained:,} trained parameters, base frozen")
+    return model
+
+
+def check_same_tokenizer(meta: dict, model_tokenizer: dict | None, model_name: str) -> None:
+    """The dataset's ids must mean what the model's ids mean: same tokenizer kind, same vocabulary."""
+    data_tokenizer = meta["tokenizer"]
+    if model_tokenizer is not None and model_tokenizer != data_tokenizer:
+        raise NanoGPTError(
+            f"the data was prepared with another tokenizer than {model_name} was trained on (data: "
+            f"{describe_tokenizer(data_tokenizer)}; model: {describe_tokenizer(model_tokenizer)}): its token ids "
+            "would mean other text. Prepare the data with the model's tokenizer, or train a new model"
+        )
+
+
+def resumed_config(cfg: TrainConfig, ckpt: dict[str, Any]) -> TrainConfig:
+    """cfg with the checkpoint's model shape, the one a resumed run continues (so that config.json and the
+    next checkpoints say what is trained). A shape asked for (on the command line or in a preset: a value
+    other than TrainConfig's default) that differs from it is refused, naming the keys."""
+    ckpt_args, default = ckpt["model_args"], TrainConfig()
+    shape = {k: ckpt_args[k] for k in SHAPE_KEYS if k in ckpt_args}
+    differ = [
+        f"{k}={getattr(cfg, k)!r} (checkpoint: {v!r})"
+        for k, v in shape.items()
+        if getattr(cfg, k) != v and getattr(cfg, k) != getattr(default, k)
+    ]
+    if differ:
+        raise NanoGPTError(
+            f"cannot resume {cfg.out_dir} with another model shape: {', '.join(differ)}. Give the checkpoint's "
+            "values (or leave them out of the command), or train a new model in another out_dir"
+        )
+    return dataclasses.replace(cfg, **shape)
+
+
+def check_fits(config: GPTConfig, meta: dict) -> None:
+    """Refuse, before building anything, a model the data or the memory cannot hold: block_size must leave
+    room for a window in every split, and weights, gradients, AdamW state and causal masks must fit."""
+    for split in ("train", "val"):
+        tokens = int(meta.get(f"{split}_tokens", config.block_size + 1))
+        if tokens <= config.block_size:
+            raise NanoGPTError(
+                f"block_size={config.block_size} is too long for the {split} split ({tokens} tokens): a training "
+                f"window needs block_size + 1 tokens. Use --block_size={tokens - 1} or less"
+            )
+    need = training_bytes(config)
+    available = available_memory_bytes()
+    if available is not None and need > available:
+        raise NanoGPTError(
+            f"the model needs about {need / 2**30:.1f} GiB for its weights, gradients, AdamW state and causal "
+            f"masks, more than the {available / 2**30:.1f} GiB available: use a smaller block_size, n_layer or n_embd"
+        )
+
+
+def training_bytes(config: GPTConfig) -> int:
+    """A lower bound on training memory: float32 weights, gradients and two AdamW moments (16 bytes a
+    parameter) plus each layer's (block_size, block_size) bool causal mask. Activations come on top."""
+    C, V, T, L = config.n_embd, config.vocab_size, config.block_size, config.n_layer
+    params = V * C + T * C + L * 12 * C * C
+    return 16 * params + L * T * T
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable of /proc/meminfo (Linux), or None where it cannot be read."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None

@@ -42,18 +42,20 @@ from nanogpt.checkpoint import (
     save_checkpoint,
     training_checkpoint,
 )
-from nanogpt.data.loader import BatchLoader, read_meta
+from nanogpt.data.loader import BatchLoader, load_split, read_meta
 from nanogpt.data.prepare import ensure_prepared
 from nanogpt.device import DTYPES, autocast, device_type, resolve_device, resolve_dtype
 from nanogpt.errors import NanoGPTError
-from nanogpt.files import write_text_atomic
+from nanogpt.files import folder_lock, remove_stale_temporaries, write_text_atomic
+from nanogpt.from_nanogpt import is_nanogpt_checkpoint
+from nanogpt.lora import lora_checkpoint
 from nanogpt.options import to_dict
 from nanogpt.perf import compile_options, keep_freed_memory, matmul_peak_flops, wants_compile
 from nanogpt.train import distributed
 from nanogpt.train.config import TrainConfig, load_train_config, train_help
 from nanogpt.train.distributed import DistEnv
 from nanogpt.train.metrics import NullLog, RunLog
-from nanogpt.train.model_init import init_model
+from nanogpt.train.model_init import init_model, resumed_config
 from nanogpt.train.optim import build_optimizer
 from nanogpt.train.schedule import get_lr
 from nanogpt.train.step import Batch, TrainStep, new_scaler
@@ -70,8 +72,9 @@ def main(argv: list[str]) -> int:
     if "-h" in argv or "--help" in argv:
         print(train_help())
         return 0
-    train(load_train_config(argv))
-    return 0
+    result = train(load_train_config(argv))
+    # stopped by a signal (saved, resumable): the shell's code for it, so `train && next` does not go on
+    return 128 + signal.Signals[result["stopped_by"]].value if result["stopped_by"] else 0
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
@@ -87,11 +90,15 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         quiet = contextlib.nullcontext() if env.master else contextlib.redirect_stdout(io.StringIO())
         with quiet, StopRequest() as stop:
             run = Run(cfg, env, device)
-            log = RunLog(cfg, run.start_iter) if env.master else NullLog()
-            try:
-                run.loop(stop, log)
-            finally:
-                log.close()
+            # one trainer per out_dir: a second one is refused before it writes anything
+            with folder_lock(cfg.out_dir, "training") if env.master else contextlib.nullcontext():
+                if env.master:
+                    run.start()
+                log = RunLog(cfg, run.start_iter) if env.master else NullLog()
+                try:
+                    run.loop(stop, log)
+                finally:
+                    log.close()
             result = run.result(stop.signal_name)
         # all ranks done before any leaves: gloo aborted a rank that tore down its connections while
         # rank 0 still wrote the last checkpoint (half the runs of tests/test_distributed.py under load)
@@ -143,9 +150,17 @@ class Run:
         self.data_dir = dataset_dir(cfg, env)
         self.meta = read_meta(self.data_dir)
         ckpt = load_checkpoint(resume_path(cfg.out_dir)) if cfg.init_from == "resume" else None
+        if ckpt is not None:
+            cfg = self.cfg = resumed_config(cfg, ckpt)
+            if ckpt["iter_num"] >= cfg.max_iters and not cfg.eval_only:
+                raise NanoGPTError(
+                    f"{cfg.out_dir} is already at iteration {ckpt['iter_num']}, max_iters={cfg.max_iters}: nothing "
+                    f"to train (nothing changed). Give a larger --max_iters to train on"
+                )
         _seed_everything(cfg.seed)  # the same initial weights on every rank (FSDP shards them as they are)
         self.raw_model = init_model(cfg, self.meta, ckpt).to(device)
         self.block_size = self.raw_model.config.block_size
+        check_token_ids(self.data_dir, self.raw_model.config.vocab_size)
         self.tokens_per_iter = self.accum * env.world_size * cfg.batch_size * self.block_size
         self._build_step()
         self.loader = BatchLoader(
@@ -160,12 +175,19 @@ class Run:
         self.batches = TrainBatches(self.loader)  # the first batch, fetched ahead
         self.last_eval: dict[str, float] = {}
         self.last_loss = math.nan
-        if env.master:  # only now that everything is valid: a failed start leaves out_dir as it was
-            write_text_atomic(Path(cfg.out_dir) / "config.json", json.dumps(to_dict(cfg), indent=2) + "\n")
         print(f"config: {json.dumps(to_dict(cfg))}")
         print(f"device {device}, dtype {self.dtype}, {env.world_size} process(es)")
         print(f"number of parameters: {self.raw_model.get_num_params() / 1e6:.2f}M")
         print(f"tokens per iteration will be: {self.tokens_per_iter:,}")
+
+    def start(self) -> None:
+        """The first writes, once everything is valid (a failed start leaves out_dir as it was) and out_dir
+        is locked: the config, after the temporaries of killed processes are gone."""
+        for stale in remove_stale_temporaries(self.cfg.out_dir):
+            print(f"removed {stale}, left by a process that no longer runs")
+        write_text_atomic(
+            Path(self.cfg.out_dir) / "config.json", json.dumps(to_dict(self.cfg), indent=2) + "\n"
+        )
 
     def _build_step(self) -> None:
         """Replicate (DDP) or shard (FSDP) the model across processes, then compile it; the optimizer sees
@@ -191,8 +213,13 @@ class Run:
 
     def _restore(self, ckpt: dict[str, Any]) -> None:
         """Continue a checkpoint's run exactly: its optimizer, gradient scaler, batch stream and generators."""
-        self.iter_num, self.best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
+        self.iter_num, self.best_val_loss = ckpt["iter_num"], float(ckpt["best_val_loss"])
+        self.train_time = ckpt.get("train_time", 0.0)  # of the parts before: the run's total stays true
         self.elapsed_before = ckpt.get("elapsed_s", 0.0)  # wall time of the parts before, evals included
+        if is_nanogpt_checkpoint(ckpt):  # its AdamW state, by position (our order of parameters is its order)
+            self.step.optimizer.load_state_dict(ckpt["optimizer"])
+            print("a nanoGPT checkpoint saves no RNG state or data position: resumed with fresh ones")
+            return
         set_optimizer_state_dict(self.wrapped, self.step.optimizer, ckpt["optimizer"], options=FULL_STATE)
         if ckpt["scaler"]:
             self.step.scaler.load_state_dict(ckpt["scaler"])
@@ -315,8 +342,10 @@ class Run:
                 tokenizer=self.meta["tokenizer"],
                 rng=rng,
                 loader=self.batches.resume_state,
+                train_time=self.train_time,
             )
             ckpt["elapsed_s"] = self.elapsed_s()  # a resumed run's clock (and time budget) goes on from here
+            ckpt = lora_checkpoint(ckpt, self.raw_model)  # a LoRA run saves its adapters only
             log.message(f"saving checkpoint to {save_checkpoint(ckpt, self.cfg.out_dir, name)}")
 
     def result(self, stopped_by: str | None) -> dict[str, Any]:
@@ -358,6 +387,21 @@ def dataset_dir(cfg: TrainConfig, env: DistEnv) -> Path:
         ensure_prepared(cfg.dataset, cfg.data_dir)
     distributed.barrier(env)
     return Path(cfg.data_dir) / cfg.dataset
+
+
+def check_token_ids(data_dir: Path, vocab_size: int, chunk: int = 1 << 26) -> None:
+    """Every token id of the train and val splits must be one the model has (a damaged file or one made
+    with another tokenizer would crash training with an IndexError, or silently on a GPU): one pass over
+    the memory-mapped files, in chunks."""
+    for split in ("train", "val"):
+        tokens = load_split(data_dir, split)
+        for start in range(0, len(tokens), chunk):
+            largest = int(tokens[start : start + chunk].max())
+            if largest >= vocab_size:
+                raise NanoGPTError(
+                    f"token id {largest} in the {split} split of {data_dir} is outside the model's vocabulary "
+                    f"({vocab_size} tokens): the file is damaged or was made with another tokenizer; prepare it again"
+                )
 
 
 @torch.no_grad()
