@@ -31,7 +31,7 @@ from nanogpt import GPT, GPTConfig
 from nanogpt.device import device_name
 from nanogpt.files import write_text_atomic
 from nanogpt.lora import LoRAConfig, adapter_state, apply_lora, lora_entry, weights_sha256
-from nanogpt.train.step import TrainStep
+from nanogpt.train.step import TrainStep, checkpoint_activations
 
 GPT2_124M = GPTConfig(
     block_size=1024, vocab_size=50304, n_layer=12, n_head=12, n_embd=768, bias=True, gelu_approximate="tanh"
@@ -64,7 +64,9 @@ def saved_bytes(model: GPT, optimizer: torch.optim.Optimizer, lora: bool) -> int
         return f.tell()
 
 
-def worker(mode: str, data_dir: Path, steps: int, batch: int, block: int, dtype: str) -> dict:
+def worker(
+    mode: str, data_dir: Path, steps: int, batch: int, block: int, dtype: str, recompute: bool
+) -> dict:
     """One mode's measurement, in this process: model, optimizer, `steps` timed steps after one warm-up."""
     torch.manual_seed(0)
     model = GPT(GPT2_124M)
@@ -72,6 +74,8 @@ def worker(mode: str, data_dir: Path, steps: int, batch: int, block: int, dtype:
     if mode == "lora":
         weights_sha256(model)  # as a LoRA run does once, to reference its base
         apply_lora(model, LORA)
+    if recompute:
+        checkpoint_activations(model)
     model.train()
     optimizer = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), "cpu")
     scaler = torch.amp.GradScaler("cpu", enabled=False)
@@ -130,11 +134,26 @@ def main() -> None:
         default="float32",
         help="bfloat16: autocast, as training on a CPU with native bf16",
     )
+    parser.add_argument(
+        "--activation_checkpointing", action="store_true", help="both modes recompute each block in backward"
+    )
     parser.add_argument("--worker", choices=["full", "lora"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     data_dir = Path(args.data_dir)
     if args.worker:
-        print(json.dumps(worker(args.worker, data_dir, args.steps, args.batch, args.block, args.dtype)))
+        print(
+            json.dumps(
+                worker(
+                    args.worker,
+                    data_dir,
+                    args.steps,
+                    args.batch,
+                    args.block,
+                    args.dtype,
+                    args.activation_checkpointing,
+                )
+            )
+        )
         return
     prepare(data_dir)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -154,6 +173,7 @@ def main() -> None:
         "cpu": device_name("cpu"),
         "threads": 1,
         "model": f"GPT-2 124M shape, random weights, {args.dtype}",
+        "activation_checkpointing": args.activation_checkpointing,
         "batch": f"{args.batch} x {args.block}",
         "lora": {
             "rank": LORA.rank,

@@ -5,17 +5,28 @@ the last one only), the global gradient norm clipped, then the optimizer's updat
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from nanogpt.device import device_type
 from nanogpt.train import distributed
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (x, y): (B, T) token ids and their next tokens
+
+
+def checkpoint_activations(model: nn.Module) -> None:
+    """Activation checkpointing: each block of model.transformer.h keeps only its input during the forward
+    pass and runs again inside backward to get what its gradients need (the same numbers: dropout's random
+    state is replayed). Activation memory falls from every block's insides to one block's; the forward
+    runs twice. Parameters and state dict are unchanged."""
+    for block in model.transformer.h:
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
 
 
 def new_scaler(device: str, dtype: str) -> torch.amp.GradScaler:

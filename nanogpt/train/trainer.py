@@ -58,7 +58,7 @@ from nanogpt.train.metrics import NullLog, RunLog
 from nanogpt.train.model_init import init_model, resumed_config
 from nanogpt.train.optim import build_optimizer
 from nanogpt.train.schedule import get_lr
-from nanogpt.train.step import Batch, TrainStep, new_scaler
+from nanogpt.train.step import Batch, TrainStep, checkpoint_activations, new_scaler
 
 # Eval batches come from a loader of their own with this seed: the same windows at every eval (smoother
 # curves that compare across runs), and evaluating never shifts the training stream (exact resume).
@@ -193,6 +193,8 @@ class Run:
         """Replicate (DDP) or shard (FSDP) the model across processes, then compile it; the optimizer sees
         the final parameters."""
         cfg = self.cfg
+        if cfg.activation_checkpointing:
+            checkpoint_activations(self.raw_model)
         self.wrapped = distributed.wrap(self.raw_model, self.env, cfg.parallel, self.device)
         self.model = self.wrapped
         if wants_compile(cfg.compile, self.device):
