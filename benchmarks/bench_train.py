@@ -9,7 +9,7 @@ Contenders run round-robin (a few steps each, many rounds) so that a noisy machi
 we report each one's median step time, its ratio to the plain path, MFU against this CPU's measured
 matmul peak, its peak RSS (measured in a separate pass first: VmHWM reset through /proc/self/clear_refs)
 and its minor page faults per step. The timed rounds run with malloc keeping freed memory, as training
-does (nanogpt.device.keep_freed_memory); --glibc-default times them without.
+does (nanogpt.perf.keep_freed_memory); --glibc-default times them without.
 Inputs are random tokens: data loading is not timed here (it is ~0.2 ms per batch, see test_loader).
 Last, the step's matrix products alone in fp32 and bf16: their ratio is the ceiling of the bf16 speedup
 where matmuls are most of the step.
@@ -174,7 +174,7 @@ def main() -> None:
         "--glibc-default",
         dest="keep_freed_memory",
         action="store_false",
-        help="leave malloc as glibc sets it (training calls nanogpt.device.keep_freed_memory)",
+        help="leave malloc as glibc sets it (training calls nanogpt.perf.keep_freed_memory)",
     )
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
