@@ -397,3 +397,8 @@ def test_resume_without_shape_options_takes_the_checkpoints_and_records_it(run_c
     written = json.loads((run_copy / "config.json").read_text())
     assert (written["n_layer"], written["n_embd"], written["block_size"]) == (2, 32, 16)
     assert load_checkpoint(run_copy)["config"]["n_layer"] == 2
+
+
+def test_prepare_option_errors_are_one_line(capsys):
+    code, err = run_cli(["prepare", "shakespeare_char", "--tokenizer=nope"], capsys)
+    assert code == 1 and "invalid choice: 'nope'" in err and len(err.strip().splitlines()) == 1

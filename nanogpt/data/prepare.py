@@ -442,9 +442,16 @@ def ensure_prepared(name: str, data_dir: str | Path) -> Path:
     return path
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line through the CLI (NanoGPTError, exit 1), not usage + exit 2."""
+
+    def error(self, message: str):
+        raise NanoGPTError(f"{message} (`nanogpt prepare --help` lists the options and datasets)")
+
+
 def _parser() -> argparse.ArgumentParser:
     known = "\n".join(f"  {name:<17} {spec.description}" for name, spec in DATASETS.items())
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="nanogpt prepare",
         description="Tokenize a dataset into DATA_DIR/NAME/{train,val}.bin + meta.json.",
         epilog=f"datasets:\n{known}\n\nor any NAME with --source PATH --tokenizer {'|'.join(TOKENIZERS)}.\n"
