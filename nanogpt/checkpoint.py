@@ -6,12 +6,12 @@ A checkpoint is a dict (training_checkpoint writes it):
     model_args      GPTConfig fields
     tokenizer       the tokenizer's meta (a char vocabulary included), so sampling needs no data folder
     config          the training config it was made with
-    iter_num, best_val_loss, train_time
+    iter_num, best_val_loss, train_time, elapsed_s
     optimizer, scaler, rng, loader   (training state for exact resume)
 Everything in it is a tensor, number, string, list or dict: `torch.load(weights_only=True)` reads it.
 
 Here too: the random generators' state (rng_state / restore_rng) and the models built from a checkpoint,
-for training on (resume_model) and for inference (load_model, load_for_inference).
+for fine-tuning (base_model) and for inference (load_model, load_for_inference).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from nanogpt.device import device_type
 from nanogpt.errors import NanoGPTError
 from nanogpt.files import atomic_open
 from nanogpt.model import GPT, GPTConfig
@@ -75,8 +76,23 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not file.is_file():
         out_dir = file.parent if file.name in (CKPT_NAME, RESUME_NAME) else file
         raise NanoGPTError(f"no checkpoint at {file}: train one with `nanogpt train --out_dir={out_dir}`")
+    ckpt = _safe_load(file, map_location=map_location)
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
+        raise NanoGPTError(f"{file} is not a nanogpt checkpoint (no 'model' / 'model_args')")
+    return ckpt
+
+
+def peek_checkpoint(source: str | Path) -> dict[str, Any]:
+    """A checkpoint's entries without reading its weights (memory-mapped: tensors stay on disk until
+    used): for its config or tokenizer. {} for a file that holds no dict."""
+    ckpt = _safe_load(checkpoint_path(source), map_location="cpu", mmap=True)
+    return ckpt if isinstance(ckpt, dict) else {}
+
+
+def _safe_load(file: Path, **options: Any) -> Any:
+    """torch.load(weights_only=True) of file, every failure one line that never suggests loading unsafely."""
     try:
-        ckpt = torch.load(file, map_location=map_location, weights_only=True)
+        return torch.load(file, weights_only=True, **options)
     except pickle.UnpicklingError as e:
         if "Unsupported global" not in str(e):  # not a refused class: bytes that are no valid pickle
             lines = [line.strip() for line in str(e).splitlines()]
@@ -92,9 +108,6 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     except Exception as e:  # a damaged pickle fails in many ways (IndexError, KeyError, EOFError, ...)
         reason = f"{type(e).__name__}: {e}" if str(e) else f"{type(e).__name__}, {file.stat().st_size} bytes"
         raise NanoGPTError(f"checkpoint {file} is damaged or not a nanogpt checkpoint ({reason})") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
-        raise NanoGPTError(f"{file} is not a nanogpt checkpoint (no 'model' / 'model_args')")
-    return ckpt
 
 
 def training_checkpoint(
@@ -109,10 +122,12 @@ def training_checkpoint(
     rng: list[dict[str, Any]],
     loader: dict[str, Any],
     train_time: float,
+    elapsed_s: float,
 ) -> dict[str, Any]:
     """The dict a training run saves: everything that decides its next steps (rng: one state per rank;
-    loader: the batch stream's position before the batch not yet trained on) and the seconds spent in
-    optimizer steps so far (a run stopped and continued reports its whole training time)."""
+    loader: the batch stream's position before the batch not yet trained on), the seconds spent in
+    optimizer steps so far (a run stopped and continued reports its whole training time) and the wall
+    seconds so far (a resumed run's clock and time budget go on from there)."""
     return {
         "model": clean_state_dict(model),
         "optimizer": optimizer,
@@ -125,6 +140,7 @@ def training_checkpoint(
         "rng": rng,
         "loader": loader,
         "train_time": train_time,
+        "elapsed_s": elapsed_s,
     }
 
 
@@ -177,14 +193,8 @@ def base_model(source: str, block_size: int = 0, **overrides: Any) -> GPT:
 
 
 def training_config(source: str | Path) -> dict[str, Any]:
-    """The training config a checkpoint was made with ({} if it has none), read without loading its
-    weights (memory-mapped)."""
-    file = checkpoint_path(source)
-    try:
-        ckpt = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
-    except Exception as e:  # as load_checkpoint
-        raise NanoGPTError(f"checkpoint {file} is damaged or not a nanogpt checkpoint ({e})") from None
-    return ckpt.get("config") or {} if isinstance(ckpt, dict) else {}
+    """The training config a checkpoint was made with ({} if it has none), its weights left on disk."""
+    return peek_checkpoint(source).get("config") or {}
 
 
 def rng_state(device: str) -> dict[str, Any]:
@@ -195,7 +205,7 @@ def rng_state(device: str) -> dict[str, Any]:
         "python": [version, list(internal), gauss],
         "numpy": [name, keys.tolist(), pos, has_gauss, cached],
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state(device) if torch.device(device).type == "cuda" else None,
+        "cuda": torch.cuda.get_rng_state(device) if device_type(device) == "cuda" else None,
     }
 
 
@@ -206,7 +216,7 @@ def restore_rng(state: dict[str, Any], device: str) -> None:
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.device(device).type == "cuda":
+    if state["cuda"] is not None and device_type(device) == "cuda":
         torch.cuda.set_rng_state(state["cuda"], device)
 
 

@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from nanogpt.checkpoint import describe_tokenizer, load_for_inference, model_source, training_config
-from nanogpt.data.loader import load_split, read_meta, sequential_batches
+from nanogpt.data.loader import check_token_ids, load_split, read_meta, sequential_batches
 from nanogpt.data.tokenizers import tokenizer_from_meta
 from nanogpt.device import DtypeName, autocast, check_dtype, resolve_device, resolve_dtype
 from nanogpt.errors import NanoGPTError
@@ -107,11 +107,7 @@ def evaluate(
     """Loss (nats per token), perplexity, bits per token, per character and per byte on `tokens`."""
     if len(tokens) < 2:
         raise NanoGPTError(f"need at least 2 tokens to evaluate (one to predict), got {len(tokens)}")
-    if int(tokens.max()) >= model.config.vocab_size:
-        raise NanoGPTError(
-            f"token id {int(tokens.max())} is outside the model's vocabulary of {model.config.vocab_size}: "
-            "was this text tokenized for another model?"
-        )
+    check_token_ids(tokens, model.config.vocab_size, "the text to evaluate")
     block_size = block_size or model.config.block_size
     if block_size > model.config.block_size:
         raise NanoGPTError(f"block_size {block_size} is longer than the model's {model.config.block_size}")

@@ -18,9 +18,9 @@ from typing import Any, Literal
 from nanogpt.checkpoint import (
     checkpoint_path,
     is_hf_source,
-    load_checkpoint,
     load_model,
     model_source,
+    peek_checkpoint,
     save_checkpoint,
 )
 from nanogpt.errors import NanoGPTError
@@ -44,7 +44,7 @@ class ExportConfig:
 def merged_checkpoint(model: GPT, tokenizer: Any, source: str) -> dict[str, Any]:
     """An inference checkpoint of ours (no optimizer state: fine-tune from it, do not resume it): the
     model, its tokenizer, and the training config / iteration of the source checkpoint if it has them."""
-    ckpt = {} if is_hf_source(source) else load_checkpoint(source)
+    ckpt = {} if is_hf_source(source) else peek_checkpoint(source)  # its weights are in `model` already
     return {
         "model": model.state_dict(),
         "model_args": asdict(model.config),

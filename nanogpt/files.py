@@ -26,18 +26,16 @@ def atomic_open(path: str | Path, mode: str = "w", durable: bool = False) -> Ite
     make_folder(path.parent)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # beside it: the rename stays on one disk
     try:
-        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
-            yield f
-            if durable:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
+        with writing(path):
+            with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+                yield f
+                if durable:
+                    f.flush()
+                    os.fsync(f.fileno())
+            os.replace(tmp, path)
+    except BaseException:
         tmp.unlink(missing_ok=True)
-        error = write_error(e, path)
-        if error is e:
-            raise
-        raise error from None
+        raise
     if durable:
         folder = os.open(path.parent, os.O_RDONLY)
         try:
@@ -65,16 +63,29 @@ def make_folder(folder: str | Path) -> Path:
     return folder
 
 
+@contextlib.contextmanager
+def writing(path: str | Path) -> Iterator[None]:
+    """Inside, a file-system fault while writing `path` (a file or a folder being filled) becomes one
+    clear line (write_error); any other exception passes as it is."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        error = write_error(e, Path(path))
+        if error is e:
+            raise
+        raise error from None
+
+
 def write_error(e: BaseException, path: Path) -> BaseException:
     """A file-system fault while writing `path` as one clear line (NanoGPTError); anything else as it is.
     torch.save reports a full disk as a RuntimeError ("unexpected pos"): the free space tells."""
     code = getattr(e, "errno", None)
     if code == errno.ENOSPC or (isinstance(e, RuntimeError) and _disk_full(path)):
-        return NanoGPTError(
-            f"no space left on device while writing {path}: free some space; the previous file is kept"
-        )
+        return NanoGPTError(f"no space left on device while writing {path}")
+    if code == errno.EDQUOT:
+        return NanoGPTError(f"disk quota exceeded while writing {path}")
     if code in (errno.EROFS, errno.EACCES, errno.EPERM):
-        return NanoGPTError(f"cannot write to {path}: {os.strerror(code).lower()} (choose a writable path)")
+        return NanoGPTError(f"cannot write to {path}: {os.strerror(code).lower()}")
     if isinstance(e, OSError):
         return NanoGPTError(f"cannot write {path}: {e.strerror or e}")
     return e

@@ -148,6 +148,10 @@ class Sampling:
     top_k: int | None = None
     top_p: float | None = None
 
+    def draw(self, logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """logits (B, V) -> the next token of each row, (B, 1)."""
+        return sample_next_token(logits, self.temperature, self.top_k, self.top_p, generator)
+
 
 @torch.inference_mode()  # no autograd bookkeeping at all: ~9% less time per cached token on a CPU
 def generate_stream(
@@ -166,8 +170,9 @@ def generate_stream(
     every step (each query sees the last block_size keys). use_cache=False recomputes every step. The yielded
     tensors are inference tensors: clone one outside inference mode to use it where autograd saves it
     (generate's result, made by torch.cat, is a normal tensor)."""
-    t, k, p = sampling.temperature, sampling.top_k, sampling.top_p
-    validate_sampling(idx, max_new_tokens, t, k, p, model.config.vocab_size)
+    validate_sampling(
+        idx, max_new_tokens, sampling.temperature, sampling.top_k, sampling.top_p, model.config.vocab_size
+    )
     block_size = model.config.block_size
     rolling = model.config.position == "rope"
     decoder: CachedDecoder | None = None
@@ -179,7 +184,7 @@ def generate_stream(
             logits = decoder.prefill(idx)
         else:
             logits = decoder.step(idx[:, -1:])
-        idx_next = sample_next_token(logits[:, -1, :], t, k, p, generator)
+        idx_next = sampling.draw(logits[:, -1, :], generator)
         idx = torch.cat((idx, idx_next), dim=1)
         yield idx_next
 
@@ -282,8 +287,7 @@ class BatchDecoder:
     def _draw(self, logits: torch.Tensor, row: int) -> int:
         """logits (1, V) -> row's next token."""
         sampling, generator = self.sampling[row]
-        t, k, p = sampling.temperature, sampling.top_k, sampling.top_p
-        return int(sample_next_token(logits, t, k, p, generator))
+        return int(sampling.draw(logits, generator))
 
     @torch.inference_mode()
     def join(

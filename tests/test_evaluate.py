@@ -18,6 +18,7 @@ from nanogpt.cli import main as cli
 from nanogpt.data.loader import load_split
 from nanogpt.data.prepare import prepare_dataset
 from nanogpt.data.tokenizers import ByteTokenizer, CharTokenizer, GPT2Tokenizer, tokenizer_from_meta
+from nanogpt.errors import NanoGPTError
 from nanogpt.evaluate import evaluate, text_size
 
 TINY = dict(block_size=32, n_layer=1, n_head=2, n_embd=32)
@@ -131,3 +132,13 @@ def test_text_size_is_exact_whatever_the_chunk_edges(tokenizer, chunk, monkeypat
     tokens = tok.encode_array(text)
     monkeypatch.setattr("nanogpt.evaluate._DECODE_CHUNK", chunk)
     assert text_size(tokens, tok) == (len(text), len(text.encode("utf-8")))
+
+
+def test_ids_outside_the_models_vocabulary_are_named():
+    """A text tokenized for a wider vocabulary is refused before any forward pass (was an IndexError)."""
+    model = GPT(GPTConfig(block_size=8, vocab_size=65, n_layer=1, n_head=1, n_embd=8)).eval()
+    tokens = np.array([1, 2, 70, 3], dtype=np.uint16)
+    with pytest.raises(
+        NanoGPTError, match="token id 70 in the text to evaluate is outside the model's vocabulary"
+    ):
+        evaluate(model, ByteTokenizer(), tokens)

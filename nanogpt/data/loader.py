@@ -74,6 +74,19 @@ def load_split(dataset_dir: str | Path, split: str) -> np.memmap:
     return np.memmap(path, dtype=meta["dtype"], mode="r")
 
 
+def check_token_ids(tokens: np.ndarray, vocab_size: int, where: str, chunk: int = 1 << 26) -> None:
+    """Every id of `tokens` must be one a model of vocab_size has (a damaged file, or text tokenized for
+    another model, would crash it with an IndexError, or silently on a GPU): one pass, in chunks, so a
+    memory-mapped split is never read into memory whole."""
+    for start in range(0, len(tokens), chunk):
+        largest = int(tokens[start : start + chunk].max())
+        if largest >= vocab_size:
+            raise NanoGPTError(
+                f"token id {largest} in {where} is outside the model's vocabulary ({vocab_size} tokens): "
+                "was it tokenized for another model, or is the file damaged? Prepare it again"
+            )
+
+
 def _map_tokens(path: str, dtype: str) -> np.ndarray:
     """A read-only view of a token file; the mapping goes away with the last reference to the array."""
     with open(path, "rb") as f:

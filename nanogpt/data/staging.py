@@ -7,7 +7,6 @@ file-system faults become one line that says where ("no space left on device whi
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import shutil
 import tempfile
@@ -17,28 +16,10 @@ from pathlib import Path
 import numpy as np
 
 from nanogpt.errors import NanoGPTError
+from nanogpt.files import writing
 
 BPE_FILE = "bpe_tokenizer.json"  # a trained BPE, beside the bins (nanogpt/data/bpe.py: its format)
 OWN_FILES = {"meta.json", BPE_FILE, "train.bin", "val.bin", "test.bin"}  # what a re-prepare replaces
-
-
-@contextlib.contextmanager
-def fs_errors(where: Path) -> Iterator[None]:
-    """A fault while writing `where` as one line (sources are read through sources.read_blocks, whose
-    faults say so themselves)."""
-    try:
-        yield
-    except OSError as e:
-        reasons = {
-            errno.ENOSPC: f"no space left on device while writing {where}",
-            errno.EDQUOT: f"disk quota exceeded while writing {where}",
-            errno.EROFS: f"cannot write to {where}: read-only file system",
-            errno.EACCES: f"cannot write to {where}: permission denied",
-            errno.EPERM: f"cannot write to {where}: permission denied",
-        }
-        if e.errno not in reasons:
-            raise
-        raise NanoGPTError(reasons[e.errno]) from None
 
 
 def replace_folder(new: Path, out: Path) -> None:
@@ -63,13 +44,13 @@ def staged(out: Path) -> Iterator[Path]:
     for path in (out.parent, out):
         if path.exists() and not path.is_dir():
             raise NanoGPTError(f"cannot write the dataset to {out}: {path} is a file, not a folder")
-    with fs_errors(out.parent):
+    with writing(out.parent):
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.new-", dir=out.parent))
     try:
-        with fs_errors(out):
+        with writing(out):
             yield tmp
-        with fs_errors(out):
+        with writing(out):
             replace_folder(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

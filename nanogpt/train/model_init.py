@@ -11,8 +11,8 @@ from nanogpt.checkpoint import (
     base_model,
     describe_tokenizer,
     is_hf_source,
-    load_checkpoint,
     model_from_checkpoint,
+    peek_checkpoint,
 )
 from nanogpt.errors import NanoGPTError
 from nanogpt.lora import LoRAConfig, apply_lora, lora_entry, weights_sha256
@@ -52,9 +52,11 @@ def init_model(cfg: TrainConfig, meta: dict, ckpt: dict[str, Any] | None) -> GPT
         model = GPT(config)
     else:
         check_gpt2_options(cfg)
+        if not is_hf_source(cfg.init_from):  # before its weights are read
+            check_same_tokenizer(meta, peek_checkpoint(cfg.init_from).get("tokenizer"), cfg.init_from)
         print(f"initializing from {cfg.init_from}")
         model = base_model(cfg.init_from, cfg.block_size, dropout=cfg.dropout)
-        check_base_tokenizer(cfg, meta, model.config.vocab_size)
+        check_gpt2_tokenizer(cfg, meta, model.config.vocab_size)
         if cfg.lora_rank:
             model = with_lora(model, cfg)
     if meta["vocab_size"] > model.config.vocab_size:
@@ -65,13 +67,10 @@ def init_model(cfg: TrainConfig, meta: dict, ckpt: dict[str, Any] | None) -> GPT
     return model
 
 
-def check_base_tokenizer(cfg: TrainConfig, meta: dict, vocab_size: int) -> None:
-    """GPT-2 weights (GPT-2's vocabulary) read GPT-2 BPE ids; a checkpoint of ours the ids of its own
-    tokenizer (nanoGPT's name none, nor does a small HF folder: the vocabulary size check of init_model
-    is all there is)."""
-    if not is_hf_source(cfg.init_from):
-        check_same_tokenizer(meta, load_checkpoint(cfg.init_from).get("tokenizer"), cfg.init_from)
-    elif meta["tokenizer"]["name"] != "gpt2" and vocab_size >= GPT2_VOCAB_SIZE:
+def check_gpt2_tokenizer(cfg: TrainConfig, meta: dict, vocab_size: int) -> None:
+    """GPT-2 weights (GPT-2's vocabulary) read GPT-2 BPE ids (a small HF folder names no tokenizer: the
+    vocabulary size check of init_model is all there is; nor do nanoGPT's checkpoints)."""
+    if is_hf_source(cfg.init_from) and meta["tokenizer"]["name"] != "gpt2" and vocab_size >= GPT2_VOCAB_SIZE:
         raise NanoGPTError(
             f"init_from={cfg.init_from!r} reads GPT-2 BPE ids, but dataset {cfg.dataset!r} was prepared with the "
             f"{meta['tokenizer']['name']!r} tokenizer: prepare it with --tokenizer gpt2"

@@ -42,7 +42,7 @@ from nanogpt.checkpoint import (
     save_checkpoint,
     training_checkpoint,
 )
-from nanogpt.data.loader import BatchLoader, load_split, read_meta
+from nanogpt.data.loader import BatchLoader, check_token_ids, load_split, read_meta
 from nanogpt.data.prepare import ensure_prepared
 from nanogpt.device import DTYPES, autocast, device_type, resolve_device, resolve_dtype
 from nanogpt.errors import NanoGPTError
@@ -160,7 +160,12 @@ class Run:
         _seed_everything(cfg.seed)  # the same initial weights on every rank (FSDP shards them as they are)
         self.raw_model = init_model(cfg, self.meta, ckpt).to(device)
         self.block_size = self.raw_model.config.block_size
-        check_token_ids(self.data_dir, self.raw_model.config.vocab_size)
+        for split in ("train", "val"):  # once, at start
+            check_token_ids(
+                load_split(self.data_dir, split),
+                self.raw_model.config.vocab_size,
+                f"the {split} split of {self.data_dir}",
+            )
         self.tokens_per_iter = self.accum * env.world_size * cfg.batch_size * self.block_size
         self._build_step()
         self.loader = BatchLoader(
@@ -345,8 +350,8 @@ class Run:
                 rng=rng,
                 loader=self.batches.resume_state,
                 train_time=self.train_time,
+                elapsed_s=self.elapsed_s(),
             )
-            ckpt["elapsed_s"] = self.elapsed_s()  # a resumed run's clock (and time budget) goes on from here
             ckpt = lora_checkpoint(ckpt, self.raw_model)  # a LoRA run saves its adapters only
             log.message(f"saving checkpoint to {save_checkpoint(ckpt, self.cfg.out_dir, name)}")
 
@@ -389,21 +394,6 @@ def dataset_dir(cfg: TrainConfig, env: DistEnv) -> Path:
         ensure_prepared(cfg.dataset, cfg.data_dir)
     distributed.barrier(env)
     return Path(cfg.data_dir) / cfg.dataset
-
-
-def check_token_ids(data_dir: Path, vocab_size: int, chunk: int = 1 << 26) -> None:
-    """Every token id of the train and val splits must be one the model has (a damaged file or one made
-    with another tokenizer would crash training with an IndexError, or silently on a GPU): one pass over
-    the memory-mapped files, in chunks."""
-    for split in ("train", "val"):
-        tokens = load_split(data_dir, split)
-        for start in range(0, len(tokens), chunk):
-            largest = int(tokens[start : start + chunk].max())
-            if largest >= vocab_size:
-                raise NanoGPTError(
-                    f"token id {largest} in the {split} split of {data_dir} is outside the model's vocabulary "
-                    f"({vocab_size} tokens): the file is damaged or was made with another tokenizer; prepare it again"
-                )
 
 
 @torch.no_grad()
