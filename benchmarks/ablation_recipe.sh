@@ -5,8 +5,10 @@
 # per variant: final and best val loss, ms/iter, seconds to val 1.55), val_loss.png (val loss against
 # seconds), final_info.json, all_results.json; runs/ablation_recipe/full_val.jsonl.
 #
-#   bash benchmarks/ablation_recipe.sh                                   # the real thing: ~8 h for 23 x 2 runs
+#   bash benchmarks/ablation_recipe.sh                                   # the real thing: ~8 h for 24 x 2 runs
 #   bash benchmarks/ablation_recipe.sh --only=baseline,modern --seeds=3  # some rows, more seeds
+#   bash benchmarks/ablation_recipe.sh --only=baseline,rope,muon --seeds=1 --max_seconds=300 \
+#       --out=runs/screen                                                # README's 5-minute screening
 #   bash benchmarks/ablation_recipe.sh --max_seconds=30 --seeds=1 --only=baseline,rope,muon,modern \
 #       --out=runs/ablation_smoke                                        # does the runner work?
 #
@@ -32,9 +34,12 @@ python -m nanogpt experiment \
   --out="$out" \
   "$@"
 
-# the whole val split (111,540 characters), not the 20 batches of the runs' own evaluations
-: >"$out/full_val.jsonl"
+# the whole val split (111,540 characters), not the 20 batches of the runs' own evaluations: each finished
+# run once (a run in progress, say another invocation's on the same --out, is left for later)
+touch "$out/full_val.jsonl"
 for run in "$out"/*/shakespeare_char/seed_*; do
+  [ -f "$run/final_info.json" ] || continue
+  grep -qF "\"run\": \"$run\"" "$out/full_val.jsonl" && continue
   python -m nanogpt eval --out_dir="$run" --split=val --json=true 2>/dev/null \
     | python -c 'import json, sys; r = json.load(sys.stdin); r["run"] = sys.argv[1]; print(json.dumps(r))' "$run" \
     >>"$out/full_val.jsonl" || echo "eval of $run failed" >&2
