@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import multiprocessing
+import signal
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from typing import TypeVar
@@ -29,6 +30,9 @@ def encode_piece(tok: Tokenizer, piece: str | bytes) -> np.ndarray:
 
 
 def _start_worker(meta: dict) -> None:
+    # Ctrl-C reaches the whole process group: the parent alone handles it (it cancels what is queued and
+    # waits for the pieces in hand); an idle worker interrupted in its queue read printed a traceback
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     global _worker_tokenizer
     _worker_tokenizer = tokenizer_from_meta(meta)
 
