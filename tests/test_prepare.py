@@ -434,11 +434,10 @@ def test_ctrl_c_during_a_parallel_re_prepare_keeps_the_old_dataset(tmp_path):
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     deadline = time.monotonic() + 60
-    while not any(p.name.startswith(".mine.new-") for p in data.iterdir()):  # tokenizing has started
+    while not any(f.stat().st_size for f in data.glob(".mine.new-*/*.bin")):  # encoded pieces are landing
         assert child.poll() is None and time.monotonic() < deadline, child.stderr.read()
-        time.sleep(0.05)
-    time.sleep(0.5)
-    os.killpg(child.pid, signal.SIGINT)
+        time.sleep(0.01)
+    os.killpg(child.pid, signal.SIGINT)  # 12 MB is 12+ pieces of <= 1 MiB: most of it is still ahead
     assert child.wait(timeout=60) == 130
     err = child.stderr.read()
     assert "Traceback" not in err and err.rstrip().endswith("interrupted"), err
