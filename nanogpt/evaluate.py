@@ -1,9 +1,11 @@
 """`nanogpt eval`: loss, perplexity and bits per character / byte of a model on a whole dataset split or
-a text file.
+a text file; with --tasks, accuracy on in-context-learning benchmarks and CORE (nanogpt/evals/).
 
     nanogpt eval --out_dir=out/shakespeare_char                   # its training dataset's val split
     nanogpt eval --init_from=gpt2 --dataset=openwebtext --split=val --json
     nanogpt eval --out_dir=out/shakespeare_char --file=hamlet.txt
+    nanogpt eval --init_from=gpt2 --tasks=core --json=core.json   # CORE's tasks (20 of 22 offline)
+    nanogpt eval --out_dir=out/x --tasks=hellaswag,arc_easy --limit=200
 
 The text is read sequentially in windows of block_size tokens, each token after the first predicted
 exactly once. The loss is the mean over all those tokens (not a mean of batch means). Bits per byte
@@ -29,7 +31,9 @@ from nanogpt.data.loader import check_token_ids, load_split, read_meta, sequenti
 from nanogpt.data.tokenizers import tokenizer_from_meta
 from nanogpt.device import DtypeName, autocast, check_dtype, resolve_device, resolve_dtype
 from nanogpt.errors import NanoGPTError
-from nanogpt.files import read_utf8
+from nanogpt.evals.report import evaluate_tasks, format_results
+from nanogpt.evals.tasks import resolve_tasks
+from nanogpt.files import read_utf8, write_text_atomic
 from nanogpt.model import GPT
 from nanogpt.options import parse_options
 
@@ -42,7 +46,7 @@ class EvalConfig:
     meta: str = ""  # a nanoGPT checkpoint's meta.pkl; "": found as nanoGPT finds it, else GPT-2 BPE
     out_dir: str = "out"
     dataset: str = ""  # a dataset prepared under data_dir; "": the checkpoint's training dataset
-    data_dir: str = "data"
+    data_dir: str = ""  # "": the checkpoint's data_dir for its own dataset, else "data"
     split: str = "val"  # train, val or test
     file: str = ""  # a text file to evaluate on instead of a dataset split
     batch_size: int = 8
@@ -51,7 +55,11 @@ class EvalConfig:
     device: str = "auto"
     dtype: DtypeName = "float32"  # float32, bfloat16 / float16 through torch.autocast, or auto (as training)
     compile: bool = False
-    json: bool = False  # print one JSON object instead of a table
+    json: bool | str = False  # True: print one JSON object instead of a table; a path: also write it there
+    tasks: str = ""  # core, task names (hellaswag,arc_easy), PATH.jsonl:TYPE:SHOTS or task.toml: accuracy instead of loss
+    limit: int = 0  # --tasks: the first `limit` items of each task, in file order; 0: all
+    task_batch_size: int = 32  # --tasks: sequences (an item's choices) per forward pass
+    skip_unencodable: bool = False  # --tasks: skip (and count) items the tokenizer cannot encode
 
     def __post_init__(self):
         check_dtype(self.dtype)
@@ -59,7 +67,11 @@ class EvalConfig:
             raise NanoGPTError("batch_size must be >= 1, block_size and max_tokens >= 0")
         if self.dataset and self.file:
             raise NanoGPTError("give either --dataset (with --split) or --file, not both")
-        if not (self.dataset or self.file or self.init_from == "resume"):
+        if self.tasks and (self.dataset or self.file):
+            raise NanoGPTError("--tasks evaluates on its task files: give it without --dataset or --file")
+        if self.limit < 0 or self.task_batch_size < 1:
+            raise NanoGPTError("limit must be >= 0, task_batch_size >= 1")
+        if not (self.dataset or self.file or self.tasks or self.init_from == "resume"):
             raise NanoGPTError(f"what to evaluate {self.init_from} on: give --dataset=NAME or --file=PATH")
 
 
@@ -139,9 +151,10 @@ def eval_tokens(cfg: EvalConfig, tokenizer: Any) -> tuple[np.ndarray, str]:
         tokens = np.asarray(tokenizer.encode(read_utf8(cfg.file, "--file")), dtype=np.int64)
         where = cfg.file
     else:
-        dataset, data_dir = (cfg.dataset, cfg.data_dir)
-        if not dataset:  # a checkpoint of ours: its training dataset
-            dataset, data_dir = training_dataset(cfg.out_dir)
+        dataset, data_dir = cfg.dataset, cfg.data_dir or "data"
+        if not dataset:  # a checkpoint of ours: its training dataset, in the data_dir given or its own
+            dataset, own_data_dir = training_dataset(cfg.out_dir)
+            data_dir = cfg.data_dir or own_data_dir
         folder = Path(data_dir) / dataset
         meta = read_meta(folder)
         if tokenizer_from_meta(meta["tokenizer"]).to_meta() != tokenizer.to_meta():
@@ -167,6 +180,13 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(f"{name:<12} {value}" for name, value in rows)
 
 
+def task_accuracy(cfg: EvalConfig, model: GPT, tokenizer: Any, device: str) -> dict[str, Any]:
+    """The --tasks results (nanogpt/evals/report.py's evaluate_tasks)."""
+    tasks = resolve_tasks(cfg.tasks)
+    dtype = resolve_dtype(cfg.dtype, device)
+    return evaluate_tasks(model, tokenizer, tasks, device, dtype, cfg.limit, cfg.task_batch_size, cfg.skip_unencodable)
+
+
 def main(argv: list[str]) -> int:
     cfg = parse_options(EvalConfig, argv, "usage: nanogpt eval [--key=value ...]")
     if cfg is None:
@@ -174,10 +194,17 @@ def main(argv: list[str]) -> int:
     device = resolve_device(cfg.device)
     source = model_source(cfg.init_from, cfg.out_dir)
     model, tokenizer = load_for_inference(source, device, cfg.compile, cfg.meta)
-    tokens, where = eval_tokens(cfg, tokenizer)
-    metrics = evaluate(
-        model, tokenizer, tokens, cfg.batch_size, cfg.block_size, device, resolve_dtype(cfg.dtype, device)
-    )
-    result = {"model": source, "data": where, "tokenizer": tokenizer.name, **metrics}
-    print(json.dumps(result) if cfg.json else format_table(result))
+    if cfg.tasks:
+        result = {"model": source, "tokenizer": tokenizer.name, **task_accuracy(cfg, model, tokenizer, device)}
+        table = format_results(result)
+    else:
+        tokens, where = eval_tokens(cfg, tokenizer)
+        metrics = evaluate(
+            model, tokenizer, tokens, cfg.batch_size, cfg.block_size, device, resolve_dtype(cfg.dtype, device)
+        )
+        result = {"model": source, "data": where, "tokenizer": tokenizer.name, **metrics}
+        table = format_table(result)
+    if isinstance(cfg.json, str):
+        write_text_atomic(cfg.json, json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result) if cfg.json is True else table)
     return 0
