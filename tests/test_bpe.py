@@ -12,6 +12,8 @@ from nanogpt.data.bpe import compression_report, hf_tokenizer, load_bpe, save_bp
 from nanogpt.data.synthetic import documents
 from nanogpt.data.tokenizers import (
     ENDOFTEXT,
+    IM_END,
+    IM_START,
     PATTERNS,
     BPETokenizer,
     GPT2Tokenizer,
@@ -19,6 +21,8 @@ from nanogpt.data.tokenizers import (
     tokenizer_from_meta,
 )
 from nanogpt.errors import NanoGPTError
+
+SPECIALS = {ENDOFTEXT: 1021, IM_START: 1022, IM_END: 1023}  # a trained BPE reserves ChatML's two tokens
 
 TRICKY = (
     "a  \n\n  b\n\nc   d\t\ne\n \n'f 's  12 34!!  \r\nx y\n\n\nz   \u00a0w\u3000v  1234567 HELLO'LL don't"
@@ -41,7 +45,7 @@ def test_tiktoken_encoding_equals_rustbpe_own(corpus, bpe):
     import rustbpe
 
     reference = rustbpe.Tokenizer()
-    reference.train_from_iterator(iter([corpus]), 1023, pattern=PATTERNS["gpt4"])
+    reference.train_from_iterator(iter([corpus]), 1021, pattern=PATTERNS["gpt4"])  # + 3 special
     ranks = sorted(reference.get_mergeable_ranks(), key=lambda item: item[1])
     assert [bytes(token) for token, _ in ranks] == bpe.ranks  # training is deterministic
     for text in (corpus[:50_000], corpus[-30_000:], TRICKY):
@@ -49,8 +53,8 @@ def test_tiktoken_encoding_equals_rustbpe_own(corpus, bpe):
 
 
 def test_vocabulary_eot_and_exact_round_trip(corpus, bpe):
-    assert (bpe.vocab_size, bpe.eot, bpe.special_tokens) == (1024, 1023, {ENDOFTEXT: 1023})
-    assert len(bpe.ranks) == 1023 and all(bytes([b]) in bpe.ranks for b in range(256))
+    assert (bpe.vocab_size, bpe.eot, bpe.special_tokens) == (1024, 1021, SPECIALS)
+    assert len(bpe.ranks) == 1021 and all(bytes([b]) in bpe.ranks for b in range(256))
     ids = bpe.encode(corpus)
     assert bpe.decode(ids) == corpus and bpe.decode_bytes(ids) == corpus.encode()
     assert len(ids) < len(corpus.encode()) / 2  # it learnt something
@@ -63,7 +67,7 @@ def test_saved_file_is_versioned_json_and_round_trips(tmp_path, bpe, corpus):
     raw = json.loads((tmp_path / "bpe.json").read_text(encoding="utf-8"))
     assert raw == bpe.to_meta()
     assert (raw["name"], raw["format"], raw["version"]) == ("bpe", "nanogpt-bpe", 1)
-    assert raw["pattern"] == PATTERNS["gpt4"] and raw["special_tokens"] == {ENDOFTEXT: 1023}
+    assert raw["pattern"] == PATTERNS["gpt4"] and raw["special_tokens"] == SPECIALS
     again = load_bpe(tmp_path / "bpe.json")
     assert again.to_meta() == bpe.to_meta() and again.encode(corpus) == bpe.encode(corpus)
     assert tokenizer_from_meta(json.loads(json.dumps(bpe.to_meta()))).encode(TRICKY) == bpe.encode(TRICKY)
@@ -114,7 +118,7 @@ def test_report_and_examples(bpe, corpus):
     rates = report["tokens_per_byte"]
     assert set(rates) == {"bpe", "gpt2", "char"} and rates["bpe"] < rates["char"]
     assert len(report["examples"]) == 3 and report["vocab_size"] == 1024
-    tiny = train_bpe(["abc abc"], 260)  # too few merges for 日: its bytes stay apart
+    tiny = train_bpe(["abc abc"], 262)  # too few merges for 日: its bytes stay apart
     assert show_tokens(tiny, "日 abc") == "日{3}| abc"
 
 

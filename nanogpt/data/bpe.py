@@ -7,7 +7,7 @@ exactly its `to_meta()` (so a checkpoint carries it whole):
 
     {"name": "bpe", "format": "nanogpt-bpe", "version": 1, "vocab_size": 2048,
      "pattern": "<the pre-tokenizer regex: text is split by it, merges never cross its pieces>",
-     "special_tokens": {"<|endoftext|>": 2047},     # ids right after the last rank
+     "special_tokens": {"<|endoftext|>": 2045, "<|im_start|>": 2046, "<|im_end|>": 2047},  # after the ranks
      "ranks": ["AA==", "AQ==", ...]}                 # base64 of token i's bytes; i = its id = its merge rank
 
 Ids 0..255 are the single bytes, so every text encodes. No pickle anywhere.
@@ -22,6 +22,9 @@ from pathlib import Path
 
 from nanogpt.data.tokenizers import (
     ENDOFTEXT,
+    GPT2_CHAT_TOKENS,
+    IM_END,
+    IM_START,
     PATTERNS,
     BPETokenizer,
     GPT2Tokenizer,
@@ -31,7 +34,8 @@ from nanogpt.data.tokenizers import (
 from nanogpt.errors import NanoGPTError
 from nanogpt.files import write_text_atomic
 
-SPECIAL_TOKENS = (ENDOFTEXT,)  # declared explicitly: <|endoftext|> goes between documents
+# <|endoftext|> goes between documents; ChatML's two turn markers are reserved for chat fine-tuning
+SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END)
 
 
 def check_vocab_size(vocab_size: int, special_tokens: tuple[str, ...] = SPECIAL_TOKENS) -> None:
@@ -170,8 +174,10 @@ def hf_tokenizer(tok: Tokenizer):
 
     tokens = tok.token_bytes()
     specials = dict(tok.special_tokens) if isinstance(tok, BPETokenizer) else {ENDOFTEXT: tok.eot}
+    if not isinstance(tok, BPETokenizer):  # GPT-2's chat tokens: the padded vocabulary's first unused ids
+        specials.update(GPT2_CHAT_TOKENS)
     pattern = tok.pattern if isinstance(tok, BPETokenizer) else PATTERNS["gpt2"]
-    n_ranks = tok.vocab_size - len(specials)
+    n_ranks = min(specials.values())  # the special tokens follow the ranks
     ranks = {token: i for i, token in enumerate(tokens[:n_ranks])}
     alphabet = _byte_to_unicode()
     show = lambda token: "".join(alphabet[b] for b in token)

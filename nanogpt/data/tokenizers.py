@@ -295,6 +295,10 @@ GPT4_PATTERN = (
 )
 PATTERNS = {"gpt4": GPT4_PATTERN, "gpt2": GPT2_PATTERN}
 ENDOFTEXT = "<|endoftext|>"
+# ChatML's turn markers (nanogpt/chat/template.py): reserved in every trained BPE, and placed in GPT-2's
+# padded vocabulary (50257 -> 50304) at its first unused ids, so chat fine-tuning adds no embedding rows
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+GPT2_CHAT_TOKENS = {IM_START: 50257, IM_END: 50258}
 BPE_FORMAT = "nanogpt-bpe"  # the "format" of a trained BPE's JSON (see nanogpt/data/bpe.py), version:
 BPE_VERSION = 1
 
