@@ -15,12 +15,17 @@ import codecs
 import contextlib
 from collections.abc import Hashable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
+from torch.nn import functional as F
 
 from nanogpt.errors import NanoGPTError
-from nanogpt.model import GPT, KVCache, sample_next_token, validate_sampling
+from nanogpt.model import GPT, KVCache, validate_prompt
+from nanogpt.model import Sampling as Sampling  # defined beside sample_next_token; callers import it here
+from nanogpt.model import SamplingError as SamplingError
+
+PLAIN_SAMPLING = Sampling()  # the model's own distribution: temperature 1, no top-k or top-p
 
 
 class StaticKVCache(KVCache):
@@ -139,26 +144,12 @@ class CachedDecoder:
         return logits
 
 
-@dataclass(frozen=True)
-class Sampling:
-    """How the next token is drawn from the logits (nanogpt.model.sample_next_token): temperature 0 is
-    greedy, top_k keeps the k likeliest tokens, top_p the smallest set whose probability reaches p."""
-
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
-
-    def draw(self, logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """logits (B, V) -> the next token of each row, (B, 1)."""
-        return sample_next_token(logits, self.temperature, self.top_k, self.top_p, generator)
-
-
 @torch.inference_mode()  # no autograd bookkeeping at all: ~9% less time per cached token on a CPU
 def generate_stream(
     model: GPT,
     idx: torch.Tensor,
     max_new_tokens: int,
-    sampling: Sampling = Sampling(),
+    sampling: Sampling = PLAIN_SAMPLING,
     use_cache: bool = True,
     generator: torch.Generator | None = None,
 ) -> Iterator[torch.Tensor]:
@@ -170,9 +161,7 @@ def generate_stream(
     every step (each query sees the last block_size keys). use_cache=False recomputes every step. The yielded
     tensors are inference tensors: clone one outside inference mode to use it where autograd saves it
     (generate's result, made by torch.cat, is a normal tensor)."""
-    validate_sampling(
-        idx, max_new_tokens, sampling.temperature, sampling.top_k, sampling.top_p, model.config.vocab_size
-    )
+    validate_prompt(idx, max_new_tokens, model.config.vocab_size)
     block_size = model.config.block_size
     rolling = model.config.position == "rope"
     decoder: CachedDecoder | None = None
@@ -227,18 +216,94 @@ class TextPieces:
         return self.decoder.decode(b"", final=True)
 
 
+@dataclass(frozen=True)
+class Penalties:
+    """OpenAI's changes to the logits before a draw: logit_bias adds its value to its tokens' logits, and
+    a token the sequence has generated c > 0 times loses c * frequency + presence (OpenAI's formula)."""
+
+    presence: float = 0.0
+    frequency: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias in [-100, 100])
+
+    def __post_init__(self):
+        for param, value in (("presence_penalty", self.presence), ("frequency_penalty", self.frequency)):
+            if not -2 <= value <= 2:
+                raise SamplingError(param, f"{param} must be in [-2, 2], got {value}")
+        for token, bias in self.logit_bias:
+            if token < 0 or not -100 <= bias <= 100:
+                raise SamplingError(
+                    "logit_bias", f"logit_bias maps token ids >= 0 to [-100, 100], got {token}: {bias}"
+                )
+
+    @property
+    def counted(self) -> bool:
+        """Whether drawing needs the counts of the tokens generated so far."""
+        return bool(self.presence or self.frequency)
+
+    def apply(self, logits: torch.Tensor, counts: torch.Tensor | None) -> torch.Tensor:
+        """logits (1, V) float, counts (V,) of the generated tokens -> the logits to draw from."""
+        if self.logit_bias:
+            tokens, bias = zip(*self.logit_bias, strict=True)
+            logits = logits.index_add(
+                1, torch.tensor(tokens, device=logits.device), logits.new_tensor([bias])
+            )
+        if counts is not None:
+            logits = logits - counts * self.frequency - (counts > 0) * self.presence
+        return logits
+
+
+class Draw(NamedTuple):
+    """A sequence's next token; with log-probs asked, its log-probability under the model's own
+    distribution (the log-softmax of its logits: before temperature, penalties and bias, as vLLM reports
+    them) and the `top` likeliest (token, log-prob) pairs. error: why no token could be drawn (token -1)."""
+
+    token: int
+    logprob: float | None = None
+    top: tuple[tuple[int, float], ...] = ()
+    error: str | None = None
+
+
+NOT_FINITE = "the model's logits are not finite (NaN or inf): its weights may be broken"
+
+
+def logprobs_of(logits: torch.Tensor, token: int, top: int) -> tuple[float, tuple[tuple[int, float], ...]]:
+    """logits (V,) -> the log-prob of token and the `top` likeliest (token, log-prob) pairs."""
+    logprobs = F.log_softmax(logits.float(), dim=-1)
+    values, ids = torch.topk(logprobs, top) if top else (logprobs[:0], logprobs[:0])
+    return float(logprobs[token]), tuple(zip(ids.tolist(), values.tolist(), strict=True))
+
+
+@torch.inference_mode()
+def prompt_logprobs(model: GPT, prompt: list[int], top: int) -> list[Draw]:
+    """Each prompt token with its log-prob given the tokens before it, and the `top` likeliest there
+    (the first token has none): one forward pass over the prompt."""
+    idx = torch.tensor([prompt], device=model.lm_head.weight.device)  # (1, T)
+    targets = torch.cat(
+        (idx[:, 1:], idx.new_full((1, 1), -1)), dim=1
+    )  # with targets: every position's logits
+    logits, _ = model(idx, targets)  # (1, T, V)
+    if not bool(torch.isfinite(logits).all()):
+        return [Draw(-1, error=NOT_FINITE)]
+    return [Draw(prompt[0])] + [Draw(t, *logprobs_of(logits[0, i], t, top)) for i, t in enumerate(prompt[1:])]
+
+
 class BatchKVCache(KVCache):
     """One layer's keys and values for up to `rows` sequences of different lengths decoding together
     (continuous batching): rows 0..B-1 are the batch's B sequences. Before each forward the BatchDecoder
-    sets `lengths` (B,), the positions each row holds, and `len`, the longest (forward's context check)."""
+    sets `lengths` (B,), the positions each row holds, and `len`, the longest (forward's context check).
+    Position p of a row is in slot p % max_len: a rotary model's rows roll past max_len as KVCache's do
+    (then every slot holds one of the last max_len positions, all visible); a learned-position model's
+    rows never get there (the caller stops them)."""
 
     def __init__(self, max_len: int, rows: int):
         super().__init__(max_len)
         self.rows = rows
         self.lengths = torch.zeros(0, dtype=torch.long)
 
-    def _storage(self, kv: torch.Tensor) -> torch.Tensor:
-        if self.kv is None:  # (2, rows, nh, max_len, hs): every row, whatever the batch's size now
+    def storage(self, kv: torch.Tensor) -> torch.Tensor:
+        """The (2, rows, nh, max_len, hs) buffer of every row, whatever the batch's size now, allocated
+        (zeros) at the first use in kv's (2, B, nh, T, hs) dtype."""
+        if self.kv is None:
             _, _, nh, _, hs = kv.shape
             self.kv = kv.new_zeros(2, self.rows, nh, self.max_len, hs)
         return self.kv
@@ -249,70 +314,107 @@ class BatchKVCache(KVCache):
 
     def append(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Add (2, B, nh, T, hs) keys and values, each row at its own positions; return the first
-        S = longest + T positions of every row, (B, nh, S, hs) each, and which keys each row's queries
-        may see, (B, 1, T, S): the row's own positions so far (a shorter row's tail is masked out)."""
+        S = min(longest + T, max_len) slots of every row, (B, nh, S, hs) each, and which keys each row's
+        queries may see, (B, 1, T, S): the row's own positions so far (a shorter row's tail is masked out)."""
         B, T = kv.size(1), kv.size(3)
         pos = self.positions(T, kv.device)  # (B, T)
         rows = torch.arange(B, device=kv.device)[:, None]  # (B, 1)
-        storage = self._storage(kv)
-        storage[:, rows, :, pos] = kv.permute(1, 3, 0, 2, 4)  # indexed as (B, T, 2, nh, hs)
-        S = self.len + T
+        storage = self.storage(kv)
+        storage[:, rows, :, pos % self.max_len] = kv.permute(1, 3, 0, 2, 4)  # indexed as (B, T, 2, nh, hs)
+        S = min(self.len + T, self.max_len)
         k, v = storage[:, :B, :, :S].unbind(0)
-        visible = torch.arange(S, device=kv.device) <= pos[:, None, :, None]  # (B, 1, T, S)
+        seen = pos[:, None, :, None]  # (B, 1, T, 1)
+        visible = (torch.arange(S, device=kv.device) <= seen) | (seen >= self.max_len)  # (B, 1, T, S)
         return k, v, visible
+
+
+@dataclass
+class Row:
+    """How one sequence of a BatchDecoder draws: counts (V,) of its generated tokens when its penalties
+    need them; top: how many top log-probs each Draw carries (None: no log-probs)."""
+
+    sampling: Sampling
+    generator: torch.Generator | None
+    penalties: Penalties
+    top: int | None
+    counts: torch.Tensor | None = None
 
 
 class BatchDecoder:
     """Continuous batching: sequences of different lengths decode together, one token each per `step`.
     A sequence joins at any step (its prompt read alone, its keys and values then copied into a free
     row) and leaves at any step (the last row moves into its place: rows 0..B-1 stay the batch).
-    Each draws with its own Sampling and generator, row by row, so its tokens are those it gets decoded
-    alone (tested). A sequence cannot outgrow max_len (at most block_size): the caller stops it before."""
+    Each draws with its own Sampling, Penalties and generator, row by row, so its tokens are those it gets
+    decoded alone (tested), and a row whose draw fails (NaN logits) fails alone. A learned-position
+    sequence cannot outgrow max_len (at most block_size): the caller stops it before; a rotary one rolls."""
 
     def __init__(self, model: GPT, rows: int, max_len: int | None = None):
         self.model = model
         self.device = model.lm_head.weight.device
         self.max_len = min(max_len or model.config.block_size, model.config.block_size)
+        self.rolling = model.config.position == "rope"
         self.cache = [BatchKVCache(self.max_len, rows) for _ in model.transformer.h]
         self.rows = rows
         self.keys: list[Hashable] = []  # row i decodes sequence keys[i]
         self.lengths: list[int] = []  # positions row i holds
-        self.sampling: list[tuple[Sampling, torch.Generator | None]] = []
+        self.draws: list[Row] = []
         self.last: list[int] = []  # the token row i reads next
 
     @property
     def free(self) -> int:
         return self.rows - len(self.keys)
 
-    def _draw(self, logits: torch.Tensor, row: int) -> int:
-        """logits (1, V) -> row's next token."""
-        sampling, generator = self.sampling[row]
-        return int(sampling.draw(logits, generator))
+    def _draw(self, logits: torch.Tensor, row: Row) -> Draw:
+        """logits (1, V) -> the row's next token."""
+        logits = logits.float()
+        if not bool(torch.isfinite(logits).all()):  # also keeps a CUDA multinomial from a device assert
+            return Draw(-1, error=NOT_FINITE)
+        token = int(row.sampling.draw(row.penalties.apply(logits, row.counts), row.generator))
+        if row.counts is not None:
+            row.counts[token] += 1
+        return Draw(token) if row.top is None else Draw(token, *logprobs_of(logits[0], token, row.top))
 
     @torch.inference_mode()
     def join(
-        self, key: Hashable, prompt: list[int], sampling: Sampling, generator: torch.Generator | None = None
-    ) -> int:
-        """Read the prompt (alone) into a free row; return the sequence's first token."""
-        if not self.free or not 0 < len(prompt) < self.max_len:
+        self,
+        key: Hashable,
+        prompt: list[int],
+        sampling: Sampling,
+        generator: torch.Generator | None = None,
+        penalties: Penalties = Penalties(),
+        top: int | None = None,
+    ) -> Draw:
+        """Read the prompt (alone) into a free row; return the sequence's first Draw. A failed draw
+        (Draw.error) leaves the batch as it was."""
+        fits = 0 < len(prompt) and (self.rolling or len(prompt) < self.max_len)
+        if not self.free or not fits:
             raise NanoGPTError(
                 f"cannot join a batch of {len(self.keys)}/{self.rows} sequences with a prompt of "
                 f"{len(prompt)} tokens (1..{self.max_len - 1} fit)"
             )
-        alone = [KVCache(len(prompt)) for _ in self.model.transformer.h]
-        logits, _ = self.model(torch.tensor([prompt], device=self.device), kv_cache=alone)  # (1, 1, V)
-        row = len(self.keys)
+        n = min(len(prompt), self.max_len)
+        alone = [KVCache(n, self.rolling) for _ in self.model.transformer.h]
+        logits = self.model.prefill(torch.tensor([prompt], device=self.device), alone)  # (1, 1, V)
+        counts = torch.zeros(logits.size(-1), device=self.device) if penalties.counted else None
+        row = Row(sampling, generator, penalties, top, counts)
+        draw = self._draw(logits[:, -1, :], row)
+        if draw.error:
+            return draw
+        r = len(self.keys)
         for layer, batch in zip(alone, self.cache, strict=True):
-            batch._storage(layer.kv)[:, row, :, : len(prompt)] = layer.kv[:, 0]
+            storage = batch.storage(layer.kv)
+            storage[:, r, :, :n] = layer.kv[:, 0]
+            storage[:, r, :, n:] = 0  # a masked slot still multiplies its value by 0: 0 * NaN is NaN
         self.keys.append(key)
         self.lengths.append(len(prompt))
-        self.sampling.append((sampling, generator))
-        self.last.append(self._draw(logits[:, -1, :], row))
-        return self.last[row]
+        self.draws.append(row)
+        self.last.append(draw.token)
+        return draw
 
     @torch.inference_mode()
-    def step(self) -> list[int]:
-        """The next token of every sequence, in row order (that of `keys`)."""
+    def step(self) -> list[Draw]:
+        """The next Draw of every sequence, in row order (that of `keys`). A row whose Draw has an error
+        must leave before the next step."""
         B = len(self.keys)
         lengths = torch.tensor(self.lengths, dtype=torch.long, device=self.device)  # (B,)
         for layer in self.cache:
@@ -321,18 +423,20 @@ class BatchDecoder:
         with one_position_kernels(self.device, self.model.lm_head.weight.dtype):
             logits, _ = self.model(tokens, kv_cache=self.cache)  # (B, 1, V)
         self.lengths = [n + 1 for n in self.lengths]
-        self.last = [self._draw(logits[row], row) for row in range(B)]
-        return list(self.last)
+        draws = [self._draw(logits[r], self.draws[r]) for r in range(B)]
+        self.last = [max(d.token, 0) for d in draws]
+        return draws
 
     @torch.inference_mode()
     def leave(self, key: Hashable) -> None:
         """Free the sequence's row."""
         row, last = self.keys.index(key), len(self.keys) - 1
         if row != last:  # the last row moves into the freed one
-            n = self.lengths[last]
+            n = min(self.lengths[last], self.max_len)
             for layer in self.cache:
                 layer.kv[:, row, :, :n] = layer.kv[:, last, :, :n]
-            for rows in (self.keys, self.lengths, self.sampling, self.last):
+                layer.kv[:, row, :, n:] = 0
+            for rows in (self.keys, self.lengths, self.draws, self.last):
                 rows[row] = rows[last]
-        for rows in (self.keys, self.lengths, self.sampling, self.last):
+        for rows in (self.keys, self.lengths, self.draws, self.last):
             rows.pop()

@@ -534,7 +534,8 @@ class GPT(nn.Module):
         recomputes. A rotary model's keys hold their own position: its cache rolls (each query sees the
         last block_size keys) and serves every step. use_cache=False recomputes every step (over
         `context`): nanoGPT's loop, the reference the caches are tested against."""
-        validate_sampling(idx, max_new_tokens, temperature, top_k, top_p, self.config.vocab_size)
+        validate_prompt(idx, max_new_tokens, self.config.vocab_size)
+        sampling = Sampling(temperature, top_k, top_p)
         block_size = self.config.block_size
         rolling = self.config.position == "rope"
         cache: list[KVCache] | None = None
@@ -547,20 +548,13 @@ class GPT(nn.Module):
                 logits = self.prefill(idx, cache)
             else:  # only the newest token is not cached yet
                 logits, _ = self(idx[:, -1:], kv_cache=cache)
-            idx_next = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator)
+            idx_next = sampling.draw(logits[:, -1, :], generator)
             idx = torch.cat((idx, idx_next), dim=1)
         return idx
 
 
-def validate_sampling(
-    idx: torch.Tensor,
-    max_new_tokens: int,
-    temperature: float,
-    top_k: int | None,
-    top_p: float | None,
-    vocab_size: int,
-) -> None:
-    """Raise NanoGPTError naming the first argument of a generate call that is out of range."""
+def validate_prompt(idx: torch.Tensor, max_new_tokens: int, vocab_size: int) -> None:
+    """Raise NanoGPTError naming what of a generate call's idx (B, T) or max_new_tokens is out of range."""
     if idx.dim() != 2 or idx.dtype not in (torch.long, torch.int, torch.int16, torch.uint8):
         raise NanoGPTError(
             f"idx must be a (B, T) tensor of integer token ids, got {idx.dtype} of shape {tuple(idx.shape)}"
@@ -573,12 +567,37 @@ def validate_sampling(
         )
     if max_new_tokens < 0:
         raise NanoGPTError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if not temperature >= 0:
-        raise NanoGPTError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise NanoGPTError(f"top_k must be >= 1 or None, got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise NanoGPTError(f"top_p must be in (0, 1] or None, got {top_p}")
+
+
+class SamplingError(NanoGPTError):
+    """A sampling option out of range; `param` names it (the server's 400 reply names it too)."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is drawn from the logits (sample_next_token), checked once here for every
+    caller: temperature 0 is greedy, top_k keeps the k likeliest tokens, top_p the smallest set whose
+    probability reaches p."""
+
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+
+    def __post_init__(self):
+        if not 0 <= self.temperature < math.inf:
+            raise SamplingError("temperature", f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise SamplingError("top_k", f"top_k must be >= 1 or None, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise SamplingError("top_p", f"top_p must be in (0, 1] or None, got {self.top_p}")
+
+    def draw(self, logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """logits (B, V) -> the next token of each row, (B, 1)."""
+        return sample_next_token(logits, self.temperature, self.top_k, self.top_p, generator)
 
 
 def sample_next_token(
@@ -592,7 +611,10 @@ def sample_next_token(
     tokens, top_p the smallest set whose probability reaches p (nucleus sampling)."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float() / temperature
+    # the largest logit becomes 0 and the rest negative, so a tiny temperature (1e-300: 0 in float32)
+    # sends them to -inf, a near-greedy draw, instead of inf / inf = NaN
+    logits = logits.float()
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / max(temperature, torch.finfo(torch.float32).tiny)
     if top_k is not None:
         v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
         logits = logits.masked_fill(logits < v[:, [-1]], float("-inf"))

@@ -48,12 +48,7 @@ class SampleConfig:
             raise NanoGPTError(
                 f"num_samples must be >= 1 and max_new_tokens >= 0, got {self.num_samples}, {self.max_new_tokens}"
             )
-        if self.temperature < 0:
-            raise NanoGPTError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise NanoGPTError(f"top_k must be >= 1 or None, got {self.top_k}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise NanoGPTError(f"top_p must be in (0, 1] or None, got {self.top_p}")
+        Sampling(self.temperature, self.top_k, self.top_p)  # checks them (SamplingError names the option)
 
 
 def read_prompt(start: str) -> str:

@@ -58,11 +58,11 @@ def decode_batched(model: GPT, prompts: list[list[int]], sampling: Sampling, row
         for key, (at, _, _, seed) in enumerate(REQUESTS):
             if at == step:
                 generator = torch.Generator().manual_seed(seed)
-                out[key].append(decoder.join(key, prompts[key], sampling, generator))
+                out[key].append(decoder.join(key, prompts[key], sampling, generator).token)
         leave_finished()
         if decoder.keys:
-            for key, token in zip(list(decoder.keys), decoder.step(), strict=True):
-                out[key].append(token)
+            for key, draw in zip(list(decoder.keys), decoder.step(), strict=True):
+                out[key].append(draw.token)
             leave_finished()
         step += 1
     return out

@@ -18,7 +18,7 @@ from nanogpt import GPT, GPTConfig  # noqa: E402
 from nanogpt.data.tokenizers import ByteTokenizer, CharTokenizer  # noqa: E402
 from nanogpt.generate import Sampling, decode_stream, generate_stream  # noqa: E402
 from nanogpt.serve.app import Served, Settings, create_app  # noqa: E402
-from nanogpt.serve.engine import cut_at_stop  # noqa: E402
+from nanogpt.serve.engine import StopMatcher  # noqa: E402
 
 CHARS = string.ascii_letters + string.digits + " .,:;!?'\n"
 CONTEXT = 48
@@ -179,10 +179,29 @@ def test_chat_reply_and_stream(client, char_model):
     assert chunks[-1]["choices"][0]["finish_reason"] == choice["finish_reason"]
 
 
-def test_cut_at_stop_holds_back_what_may_start_a_stop_string():
-    assert cut_at_stop("hello wor", ("world",)) == ("hello ", "wor", False)
-    assert cut_at_stop("hello world!", ("world", "lo")) == ("hel", "", True)
-    assert cut_at_stop("abc", ()) == ("abc", "", False)
+def fed(stops: tuple[str, ...], pieces: list[str]) -> tuple[list[str], bool]:
+    matcher, sent = StopMatcher(stops), []
+    for piece in pieces:
+        text, stopped = matcher.feed(piece)
+        sent.append(text)
+        if stopped:
+            return sent, True
+    return [*sent, matcher.flush()], False
+
+
+def test_stop_matcher_holds_back_what_may_start_a_stop_string():
+    assert StopMatcher(("world",)).feed("hello wor") == ("hello ", False)
+    assert fed(("world", "lo"), ["hello world!"]) == (["hel"], True)
+    assert fed((), ["abc"]) == (["abc", ""], False)
+    # a stop string split across pieces, after a false start that overlaps it (KMP's failure links)
+    assert fed(("abab c",), ["xab", "aba", "b c", "tail"]) == (["x", "ab", ""], True)
+    assert fed(("aab",), ["aaa", "a"]) == (["a", "a", "aa"], False)
+    # every split of a text into pieces stops at the same place as str.find on the whole
+    text, stops = "the cat sat on the mat, then the bat", ("the b", "at,", "xyz")
+    whole = min(i for i in (text.find(s) for s in stops) if i >= 0)
+    for cut in range(1, len(text)):
+        sent, stopped = fed(stops, [text[:cut], text[cut:]])
+        assert stopped and "".join(sent) == text[:whole], cut
 
 
 def test_stop_string_ends_the_text_before_it(client):
@@ -220,7 +239,8 @@ BAD = [
     ({"prompt": "a", "n": 4}, 400, "n", None),
     ({"prompt": "a", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", None),
     ({"prompt": "a", "seed": -1}, 400, "seed", None),
-    ({"prompt": "a", "logprobs": 2}, 400, "logprobs", "unsupported_parameter"),
+    ({"prompt": "a", "logprobs": 6}, 400, "logprobs", None),
+    ({"prompt": "a", "suffix": "b"}, 400, "suffix", "unsupported_parameter"),
     ({"prompt": "a" * 48}, 400, "prompt", "context_length_exceeded"),
     ({"prompt": "naïve"}, 400, "prompt", "invalid_prompt"),
     ({"prompt": [1, 999]}, 400, "prompt", "invalid_prompt"),

@@ -1,7 +1,8 @@
 """The HTTP side: a FastAPI app with OpenAI's endpoints over the decoding Scheduler.
 
     GET  /                      the playground (one static HTML file)
-    GET  /health                503 while the model loads, then 200
+    GET  /health                503 while the model loads (or if decoding stopped), then 200
+    GET  /metrics               Prometheus' text format: requests, tokens, batch size, latencies
     GET  /v1/models             the model: id, context length, parameter count, tokenizer
     POST /v1/completions        prompt -> text; stream=true: Server-Sent Events in OpenAI's chunk format
     POST /v1/chat/completions   messages (rendered with a plain template: see protocol.py) -> a reply
@@ -24,23 +25,27 @@ from typing import Any
 
 import torch
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from nanogpt.errors import NanoGPTError
 from nanogpt.model import GPT
 from nanogpt.serve.engine import Busy, Completion, Job, Piece, Scheduler
+from nanogpt.serve.metrics import Metrics
 from nanogpt.serve.protocol import (
-    CHAT_STOP,
     ApiError,
     ChatRequest,
     CompletionRequest,
+    Options,
     Reply,
-    count_of,
+    TokenText,
+    chat_logprobs,
+    check_completion_count,
+    legacy_logprobs,
+    options_of,
     parse,
     render_chat,
-    sampling_of,
-    stops_of,
     usage,
 )
 
@@ -79,13 +84,14 @@ class State:
         self.served: Served | None = None
         self.scheduler: Scheduler | None = None
         self.error: str | None = None
+        self.metrics = Metrics()
 
     def load(self, load: Callable[[], Served]) -> None:
         try:
             served = load()
             s = self.settings
             self.scheduler = Scheduler(
-                served.model, served.tokenizer, s.max_batch, s.max_waiting, served.context
+                served.model, served.tokenizer, s.max_batch, s.max_waiting, served.context, self.metrics
             )
             self.scheduler.start()
             self.served = served
@@ -102,6 +108,22 @@ class State:
             raise ApiError(503, message, code="model_not_ready")
         return self.served
 
+    def healthy(self) -> Served:
+        """ready(), and the decoding thread takes work (503 naming why not)."""
+        served = self.ready()
+        problem = self.scheduler.problem()
+        if problem:
+            raise ApiError(
+                503, problem, code="decoder_failed" if self.scheduler.failure else "server_shutting_down"
+            )
+        return served
+
+    def drain(self) -> None:
+        """Stop decoding: every running or waiting completion ends with a shutdown error (503 JSON, or an
+        error event then [DONE] in a stream)."""
+        if self.scheduler is not None:
+            self.scheduler.stop()
+
     def authorize(self, request: Request) -> None:
         key = self.settings.api_key
         given = request.headers.get("authorization", "")
@@ -112,24 +134,39 @@ class State:
 
 
 async def read_json(request: Request, limit: int) -> Any:
-    """The body as JSON; 413 past `limit` bytes (read no further), 400 if it is not JSON."""
+    """The body as JSON; 413 past `limit` bytes (read no further), 400 if it is not JSON (or nests
+    deeper than Python's parser recurses) or the client left before sending all of it."""
     too_large = ApiError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
     length = request.headers.get("content-length", "")
     if length.isdigit() and int(length) > limit:
         raise too_large
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise too_large
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise too_large
+    except ClientDisconnect:  # nobody reads the reply; nothing to log
+        raise ApiError(
+            400, "the client left before sending its whole body", code="client_disconnected"
+        ) from None
     try:
         return json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise ApiError(400, "the request body is not valid JSON", code="invalid_json") from None
 
 
 def sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def failure(piece: Piece) -> ApiError | None:
+    """The error a completion's piece ends with, if any."""
+    if piece.finish == "error":
+        return ApiError(500, piece.text, code="decoding_failed")
+    if piece.finish == "shutdown":
+        return ApiError(503, piece.text, code="server_shutting_down")
+    return None
 
 
 async def pieces_of(job: Job) -> AsyncIterator[list[Piece]]:
@@ -147,13 +184,41 @@ async def pieces_of(job: Job) -> AsyncIterator[list[Piece]]:
         job.cancelled = True
 
 
+async def until_disconnected(request: Request) -> None:
+    """Returns once the client has closed its connection (the body is read already)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 def merged(pieces: list[Piece]) -> list[Piece]:
-    """The pieces of each completion joined into one (its text in order; its finish comes last)."""
+    """The pieces of each completion joined into one (its text and draws in order; its finish last)."""
     by_index: dict[int, Piece] = {}
     for p in pieces:
         q = by_index.get(p.index)
-        by_index[p.index] = p if q is None else Piece(p.index, q.text + p.text, p.finish, p.tokens)
+        by_index[p.index] = (
+            p
+            if q is None
+            else Piece(p.index, q.text + p.text, p.finish, p.tokens, q.draws + p.draws, q.echo + p.echo)
+        )
     return list(by_index.values())
+
+
+@dataclass
+class Answer:
+    """What the replies of one request are built from: its completions' echoed text (or ""), the
+    characters of each one's prompt (log-prob text offsets count from the prompt's start) and how each
+    token id reads in log-probs."""
+
+    reply: Reply
+    prefix: list[str]
+    prompt_chars: list[int]
+    prompt_tokens: int
+    text_of: TokenText
+
+    def logprobs(self, index: int, draws: tuple, offset: int) -> dict | None:
+        if self.reply.kind == "chat":
+            return chat_logprobs(list(draws), self.text_of)
+        return legacy_logprobs(list(draws), self.text_of, offset)
 
 
 class Api:
@@ -172,8 +237,15 @@ class Api:
             raise ApiError(400, "the prompt is empty: give at least one character", param, "invalid_prompt")
         return ids or [tokenizer.eot]  # an empty prompt starts a document
 
+    def token_ids(self, ids: list[int], param: str) -> list[int]:
+        vocab = self.state.ready().model.config.vocab_size
+        if not ids or not all(0 <= t < vocab for t in ids):
+            raise ApiError(400, f"token ids must be 1 or more in 0..{vocab - 1}", param, "invalid_prompt")
+        return list(ids)
+
     def prompts_of(self, request: CompletionRequest) -> list[list[int]]:
-        """The prompt(s) as token ids: a string, a list of strings or a list of token ids."""
+        """The prompt(s) as token ids, in OpenAI's four forms: a string, a list of strings, a list of
+        token ids or a list of lists of token ids."""
         prompt = request.prompt
         if isinstance(prompt, str):
             return [self.encode(prompt, "prompt")]
@@ -181,40 +253,49 @@ class Api:
             raise ApiError(400, "prompt is empty", "prompt", "invalid_prompt")
         if isinstance(prompt[0], str):
             return [self.encode(p, f"prompt.{i}") for i, p in enumerate(prompt)]
-        vocab = self.state.ready().model.config.vocab_size
-        if not all(0 <= t < vocab for t in prompt):
-            raise ApiError(400, f"token ids must be in 0..{vocab - 1}", "prompt", "invalid_prompt")
-        return [list(prompt)]
+        if isinstance(prompt[0], int):
+            return [self.token_ids(prompt, "prompt")]
+        return [self.token_ids(p, f"prompt.{i}") for i, p in enumerate(prompt)]
 
-    def completions(self, request: CompletionRequest | ChatRequest, prompts: list[list[int]], default: int):
-        """The completions of a request: n per prompt, each with its own generator (seed + index with a
-        seed: the same text as alone), max_tokens capped by the server and by the context."""
+    def completions(self, options: Options, prompts: list[list[int]], default: int) -> list[Completion]:
+        """n completions per prompt, each with its own generator (seed + index with a seed: the same
+        text as alone), max_tokens capped by the server and, for learned positions, by the context
+        (a rotary model's cache rolls past it: at most block_size new tokens unless --max_tokens)."""
         served, settings = self.state.ready(), self.state.settings
         context = served.model.config.block_size
-        sampling, stop, n = sampling_of(request), stops_of(request), count_of(request, settings.max_n)
-        asked = getattr(request, "max_completion_tokens", None) or request.max_tokens
-        if asked is not None and asked < 1:
-            raise ApiError(400, f"max_tokens must be >= 1, got {asked}", "max_tokens")
-        if request.seed is not None and not 0 <= request.seed < 2**63:
-            raise ApiError(400, "seed must be in 0..2**63-1", "seed")
-        stop += (CHAT_STOP,) if isinstance(request, ChatRequest) else ()
+        rolling = served.model.config.position == "rope"
         device = served.model.lm_head.weight.device
         out = []
         for ids in prompts:
-            if len(ids) >= context:
+            if len(ids) >= context and not rolling:
                 message = (
                     f"the prompt is {len(ids)} tokens; this model's context is {context} tokens and must "
                     f"hold the prompt and at least one new token"
                 )
                 raise ApiError(400, message, "prompt", "context_length_exceeded")
-            max_tokens = min(asked or default, settings.max_tokens or context, context - len(ids))
-            for _ in range(n):
+            asked = default if options.max_tokens is None else options.max_tokens
+            room = context if rolling else context - len(ids)
+            max_tokens = min(asked, settings.max_tokens or context, room)
+            for _ in range(options.n):
                 generator = torch.Generator(device)
-                if request.seed is None:
+                if options.seed is None:
                     generator.seed()
                 else:
-                    generator.manual_seed(request.seed + len(out))
-                out.append(Completion(len(out), ids, max_tokens, sampling, generator, stop))
+                    generator.manual_seed(options.seed + len(out))
+                o = options
+                out.append(
+                    Completion(
+                        len(out),
+                        ids,
+                        max_tokens,
+                        o.sampling,
+                        generator,
+                        o.stop,
+                        o.penalties,
+                        o.top,
+                        o.echo_top,
+                    )
+                )
         return out
 
     def submit(self, completions: list[Completion]) -> Job:
@@ -222,71 +303,107 @@ class Api:
         try:
             self.state.scheduler.submit(job)
         except Busy as e:
-            raise ApiError(503, f"the server is busy: {e}", code="server_busy") from None
+            raise ApiError(
+                503, f"the server is busy: {e}" if e.code == "server_busy" else str(e), code=e.code
+            ) from None
         return job
 
-    async def collect(self, job: Job, reply: Reply, prefix: list[str], prompt_tokens: int) -> dict:
+    async def collect(self, job: Job, answer: Answer, with_logprobs: bool) -> dict:
         """The whole reply of a job that is not streamed."""
-        texts = {c.index: [prefix[c.index]] for c in job.completions}
+        texts = {c.index: [answer.prefix[c.index]] for c in job.completions}
+        draws: dict[int, list] = {c.index: [] for c in job.completions}
         finish, tokens = {}, {}
         async for pieces in pieces_of(job):
             for p in pieces:
-                if p.finish == "error":
-                    raise ApiError(500, p.text, code="decoding_failed")
+                error = failure(p)
+                if error:
+                    raise error
                 texts[p.index].append(p.text)
+                draws[p.index] += [*p.echo, *p.draws]
                 if p.finish:
                     finish[p.index], tokens[p.index] = p.finish, p.tokens
-        choices = [reply.choice(i, "".join(texts[i]), finish[i]) for i in sorted(texts)]
-        return reply.reply(choices, usage(prompt_tokens, sum(tokens.values())))
+        choices = []
+        for i in sorted(texts):
+            start = 0 if answer.prefix[i] else answer.prompt_chars[i]
+            logprobs = answer.logprobs(i, draws[i], start) if with_logprobs else None
+            choices.append(answer.reply.choice(i, "".join(texts[i]), finish[i], logprobs=logprobs))
+        return answer.reply.reply(choices, usage(answer.prompt_tokens, sum(tokens.values())))
+
+    async def collect_unless_gone(self, request: Request, job: Job, answer: Answer, with_logprobs: bool):
+        """collect, but a client that disconnects cancels the job (its rows free at the next step)."""
+        reply = asyncio.ensure_future(self.collect(job, answer, with_logprobs))
+        gone = asyncio.ensure_future(until_disconnected(request))
+        try:
+            await asyncio.wait((reply, gone), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not reply.done():
+                reply.cancel()
+                job.cancelled = True
+        return JSONResponse(reply.result()) if not reply.cancelled() else Response(status_code=499)
 
     async def stream(
-        self, job: Job, reply: Reply, prefix: list[str], prompt_tokens: int, with_usage: bool
+        self, job: Job, answer: Answer, with_usage: bool, with_logprobs: bool
     ) -> AsyncIterator[str]:
         """The SSE events of a job: a first chunk (chat: the role; completions with echo: the prompt),
-        a chunk per new text, a chunk with finish_reason per completion, usage if asked, then [DONE]."""
+        a chunk per new text, a chunk with finish_reason per completion, usage if asked, then [DONE]
+        (after an error event too)."""
+        reply, prefix = answer.reply, answer.prefix
         first = reply.kind == "chat" or any(prefix)
         for i in range(len(job.completions) if first else 0):
             yield sse(reply.chunk([reply.choice(i, prefix[i] or None, None, delta=True)], None, with_usage))
         tokens = {}
+        offsets = {i: 0 if prefix[i] else answer.prompt_chars[i] for i in range(len(prefix))}
         async for pieces in pieces_of(job):
-            for p in pieces:
-                if p.finish == "error":
-                    yield sse(ApiError(500, p.text, code="decoding_failed").body())
-                    return
+            errors = [e for e in map(failure, pieces) if e]
+            if errors:
+                yield sse(errors[0].body())
+                break
             for p in merged(pieces):  # a client that reads slower than the model gets fewer, longer chunks
-                if p.text:
-                    yield sse(
-                        reply.chunk([reply.choice(p.index, p.text, None, delta=True)], None, with_usage)
-                    )
+                draws = [*p.echo, *p.draws]
+                logprobs = answer.logprobs(p.index, draws, offsets[p.index]) if with_logprobs else None
+                offsets[p.index] += sum(len(t) for t in (logprobs or {}).get("tokens", []))
+                if p.text or logprobs:
+                    choice = reply.choice(p.index, p.text, None, delta=True, logprobs=logprobs)
+                    yield sse(reply.chunk([choice], None, with_usage))
                 if p.finish:
                     tokens[p.index] = p.tokens
                     yield sse(
                         reply.chunk([reply.choice(p.index, "", p.finish, delta=True)], None, with_usage)
                     )
-        if with_usage:
-            yield sse(reply.chunk([], usage(prompt_tokens, sum(tokens.values())), with_usage))
+        else:
+            if with_usage:
+                yield sse(reply.chunk([], usage(answer.prompt_tokens, sum(tokens.values())), with_usage))
         yield "data: [DONE]\n\n"
 
     async def answer(
-        self,
-        request: CompletionRequest | ChatRequest,
-        reply: Reply,
-        prompts: list[list[int]],
-        echo: list[str],
+        self, http: Request, request: CompletionRequest | ChatRequest, reply: Reply, prompts: list[list[int]]
     ):
         """Decode the prompts; the reply as JSON, or as a stream of SSE events."""
-        default = DEFAULT_COMPLETION_TOKENS if reply.kind == "completion" else self.state.settings.max_tokens
-        completions = self.completions(request, prompts, default or 1 << 30)
-        n = len(completions) // len(prompts)
-        prefix = [echo[i // n] if echo else "" for i in range(len(completions))]
+        served, settings = self.state.ready(), self.state.settings
+        options = options_of(request, settings.max_n, served.model.config.vocab_size)
+        default = DEFAULT_COMPLETION_TOKENS if reply.kind == "completion" else settings.max_tokens
+        completions = self.completions(options, prompts, default or 1 << 30)
+        texts = [served.tokenizer.decode(p) for p in prompts]
+        echo = reply.kind == "completion" and request.echo
+        prompt_of = [texts[i // options.n] for i in range(len(completions))]
         prompt_tokens = sum(len(p) for p in prompts)
+        answer = Answer(
+            reply,
+            [t if echo else "" for t in prompt_of],
+            [len(t) for t in prompt_of],
+            prompt_tokens,
+            TokenText(served.tokenizer),
+        )
         job = self.submit(completions)
+        self.state.metrics.count_prompt(prompt_tokens * options.n)
+        with_logprobs = options.top is not None
         if request.stream:
             with_usage = bool(request.stream_options and request.stream_options.include_usage)
-            events = self.stream(job, reply, prefix, prompt_tokens, with_usage)
+            events = self.stream(job, answer, with_usage, with_logprobs)
             headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
             return StreamingResponse(events, media_type="text/event-stream", headers=headers)
-        return JSONResponse(await self.collect(job, reply, prefix, prompt_tokens))
+        return await self.collect_unless_gone(http, job, answer, with_logprobs)
 
     def check_model(self, name: str | None) -> Served:
         served = self.state.ready()
@@ -351,7 +468,32 @@ def create_app(load: Callable[[], Served], settings: Settings | None = None) -> 
     app.state.nanogpt = state
     add_error_handlers(app)
     add_routes(app, api)
+    app.add_middleware(CountRequests, metrics=state.metrics)
     return app
+
+
+class CountRequests:
+    """ASGI middleware: each /v1 request counted by path and the status it was answered with (0: none,
+    the client left first)."""
+
+    def __init__(self, app: Any, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            return await self.app(scope, receive, send)
+        status = 0
+
+        async def sending(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            self.metrics.count_request(scope["path"], status)
 
 
 def add_routes(app: FastAPI, api: Api) -> None:
@@ -364,9 +506,14 @@ def add_routes(app: FastAPI, api: Api) -> None:
 
     @app.get("/health")
     async def health() -> dict:
-        served = state.ready()
+        served = state.healthy()
         running, waiting = state.scheduler.load()
         return {"status": "ok", "model": served.name, "running": running, "waiting": waiting}
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def metrics() -> str:
+        running, waiting = state.scheduler.load() if state.scheduler else (0, 0)
+        return state.metrics.text(running, waiting)
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict:
@@ -378,14 +525,14 @@ def add_routes(app: FastAPI, api: Api) -> None:
         state.authorize(request)
         body = parse(CompletionRequest, await read_json(request, state.settings.max_body_bytes))
         served = api.check_model(body.model)
-        prompts = api.prompts_of(body)
-        echo = [served.tokenizer.decode(p) for p in prompts] if body.echo else []
-        return await api.answer(body, Reply("completion", served.name), prompts, echo)
+        check_completion_count(body, state.settings.max_n, state.settings.max_waiting)
+        return await api.answer(request, body, Reply("completion", served.name), api.prompts_of(body))
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         state.authorize(request)
         body = parse(ChatRequest, await read_json(request, state.settings.max_body_bytes))
         served = api.check_model(body.model)
+        check_completion_count(body, state.settings.max_n, state.settings.max_waiting)
         prompts = [api.encode(render_chat(body.messages), "messages")]
-        return await api.answer(body, Reply("chat", served.name), prompts, [])
+        return await api.answer(request, body, Reply("chat", served.name), prompts)

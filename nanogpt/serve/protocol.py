@@ -11,20 +11,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from nanogpt.generate import Sampling
+from nanogpt.generate import Draw, Penalties, Sampling, SamplingError
 
 # options of OpenAI's API this server does not implement: refused when set, rather than ignored
-UNSUPPORTED = (
-    "logprobs",
-    "top_logprobs",
-    "logit_bias",
-    "suffix",
-    "tools",
-    "functions",
-    "presence_penalty",
-    "frequency_penalty",
-)
-MAX_STOP = 4  # stop strings per request, as OpenAI
+UNSUPPORTED = ("suffix", "tools", "functions", "best_of")
+MAX_STOP = 4  # stop strings per request, as OpenAI (each matched in O(new text) per token, any length)
+MAX_LOGPROBS = {"completion": 5, "chat": 20}  # top log-probs per token, as OpenAI
 # a base model is not a chat model: messages become plain "Role: content" lines, the reply continues
 # after "Assistant:" and ends where the model starts the user's next line
 CHAT_ROLES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant"}
@@ -61,11 +53,15 @@ class _Request(BaseModel):
     seed: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None  # token id (a string, as JSON keys are) -> [-100, 100]
 
 
 class CompletionRequest(_Request):
-    prompt: str | list[int] | list[str]
+    prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool = False
+    logprobs: int | None = None  # 0..5: the sampled token's log-prob and this many likeliest
 
 
 class ContentPart(BaseModel):
@@ -83,6 +79,8 @@ class ChatMessage(BaseModel):
 class ChatRequest(_Request):
     messages: list[ChatMessage]
     max_completion_tokens: int | None = None  # the newer name of max_tokens
+    logprobs: bool = False
+    top_logprobs: int | None = None  # 0..20, with logprobs
 
 
 def parse(cls: type[_Request], body: Any) -> _Request:
@@ -101,18 +99,85 @@ def parse(cls: type[_Request], body: Any) -> _Request:
     return request
 
 
+@dataclass(frozen=True)
+class Options:
+    """What a request asks of each of its completions, checked. max_tokens None: the server's default;
+    0: score the prompt only (completions with echo and logprobs). top: top log-probs per token (None:
+    no log-probs); echo_top: the prompt's log-probs too, with this many top ones."""
+
+    sampling: Sampling
+    penalties: Penalties
+    stop: tuple[str, ...]
+    n: int
+    seed: int | None
+    max_tokens: int | None
+    top: int | None
+    echo_top: int | None
+
+
+def options_of(request: _Request, max_n: int, vocab_size: int) -> Options:
+    """The request's options, each checked against OpenAI's range (ApiError 400 naming the parameter)."""
+    chat = isinstance(request, ChatRequest)
+    top = top_logprobs_of(request)
+    echo = not chat and request.echo
+    max_tokens = (
+        request.max_tokens
+        if not chat or request.max_completion_tokens is None
+        else request.max_completion_tokens
+    )
+    param = "max_completion_tokens" if chat and request.max_completion_tokens is not None else "max_tokens"
+    if max_tokens is not None and max_tokens < (0 if echo and top is not None else 1):
+        hint = "" if chat else " (0 scores the prompt only: with echo and logprobs)"
+        raise ApiError(400, f"{param} must be >= 1{hint}, got {max_tokens}", param)
+    if request.seed is not None and not 0 <= request.seed < 2**63:
+        raise ApiError(400, "seed must be in 0..2**63-1", "seed")
+    try:
+        sampling = sampling_of(request)
+        penalties = Penalties(
+            request.presence_penalty or 0.0, request.frequency_penalty or 0.0, bias_of(request, vocab_size)
+        )
+    except SamplingError as e:
+        raise ApiError(400, str(e), e.param) from None
+    stop = stops_of(request) + ((CHAT_STOP,) if chat else ())
+    n = count_of(request, max_n)
+    return Options(sampling, penalties, stop, n, request.seed, max_tokens, top, top if echo else None)
+
+
 def sampling_of(request: _Request) -> Sampling:
-    """The request's temperature (default 1), top_p and top_k, checked against OpenAI's ranges."""
+    """The request's temperature (default 1, at most 2 as OpenAI), top_p and top_k (0: all tokens)."""
     t = 1.0 if request.temperature is None else request.temperature
-    if not 0 <= t <= 2:
+    if t > 2:
         raise ApiError(400, f"temperature must be in [0, 2], got {t}", "temperature")
+    if (request.top_k or 0) < 0:
+        raise ApiError(400, f"top_k must be >= 0 (0 keeps all tokens), got {request.top_k}", "top_k")
     top_p = 1.0 if request.top_p is None else request.top_p
-    if not 0 < top_p <= 1:
-        raise ApiError(400, f"top_p must be in (0, 1], got {top_p}", "top_p")
-    top_k = request.top_k or 0
-    if top_k < 0:
-        raise ApiError(400, f"top_k must be >= 0 (0 keeps all tokens), got {top_k}", "top_k")
-    return Sampling(t, top_k or None, top_p if top_p < 1 else None)
+    return Sampling(t, request.top_k or None, top_p if top_p != 1 else None)
+
+
+def bias_of(request: _Request, vocab_size: int) -> tuple[tuple[int, float], ...]:
+    """logit_bias {"token id": bias} -> ((id, bias), ...), each id in the vocabulary."""
+    bias = []
+    for key, value in (request.logit_bias or {}).items():
+        if not key.isdigit() or int(key) >= vocab_size:
+            raise ApiError(
+                400, f"logit_bias keys must be token ids in 0..{vocab_size - 1}, got {key!r}", "logit_bias"
+            )
+        bias.append((int(key), value))
+    return tuple(bias)
+
+
+def top_logprobs_of(request: _Request) -> int | None:
+    """How many top log-probs each token carries (None: no log-probs)."""
+    if isinstance(request, ChatRequest):
+        if request.top_logprobs is not None and not request.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+        top, param = (request.top_logprobs or 0) if request.logprobs else None, "top_logprobs"
+    else:
+        top, param = request.logprobs, "logprobs"
+    most = MAX_LOGPROBS["chat" if isinstance(request, ChatRequest) else "completion"]
+    if top is not None and not 0 <= top <= most:
+        raise ApiError(400, f"{param} must be in 0..{most}, got {top}", param)
+    return top
 
 
 def stops_of(request: _Request) -> tuple[str, ...]:
@@ -127,6 +192,20 @@ def count_of(request: _Request, max_n: int) -> int:
     if not 1 <= n <= max_n:
         raise ApiError(400, f"n must be in 1..{max_n} on this server, got {n}", "n")
     return n
+
+
+def check_completion_count(request: _Request, max_n: int, max_waiting: int) -> None:
+    """One request may not ask for more completions (prompts x n) than the server queues: a 400 (it can
+    never fit), checked before any prompt is read."""
+    prompt = getattr(request, "prompt", "")
+    prompts = len(prompt) if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else 1
+    total = prompts * count_of(request, max_n)
+    if total > max_waiting:
+        message = (
+            f"this request asks for {total} completions ({prompts} prompts x n); this server queues at "
+            f"most {max_waiting} (--max_waiting): split it"
+        )
+        raise ApiError(400, message, "prompt" if prompts > 1 else "n", "too_many_completions")
 
 
 def render_chat(messages: list[ChatMessage]) -> str:
@@ -162,16 +241,23 @@ class Reply:
         name += ".chunk" if chunk and self.kind == "chat" else ""
         return {"id": self.id, "object": name, "created": self.created, "model": self.model}
 
-    def choice(self, index: int, text: str | None, finish: str | None, delta: bool = False) -> dict:
+    def choice(
+        self,
+        index: int,
+        text: str | None,
+        finish: str | None,
+        delta: bool = False,
+        logprobs: dict | None = None,
+    ) -> dict:
         """A choice of a reply (delta=False) or of a chunk; for a chat chunk text None is the first
         delta (the role) and "" with a finish the last (an empty delta)."""
         if self.kind == "completion":
-            return {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
+            return {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
         if not delta:
             message = {"role": "assistant", "content": text}
-            return {"index": index, "message": message, "logprobs": None, "finish_reason": finish}
+            return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish}
         content = {"role": "assistant", "content": ""} if text is None else {"content": text} if text else {}
-        return {"index": index, "delta": content, "logprobs": None, "finish_reason": finish}
+        return {"index": index, "delta": content, "logprobs": logprobs, "finish_reason": finish}
 
     def reply(self, choices: list[dict], usage: dict[str, int]) -> dict[str, Any]:
         return {**self._object(chunk=False), "choices": choices, "usage": usage}
@@ -189,3 +275,47 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
     }
+
+
+class TokenText:
+    """A token id's text as OpenAI's log-probs show it: the decoded bytes, or "bytes:\\xNN..." for bytes
+    that are not whole UTF-8 characters (part of one)."""
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+
+    def bytes(self, token: int) -> bytes:
+        return self.tokenizer.decode_bytes([token])
+
+    def __call__(self, token: int) -> str:
+        raw = self.bytes(token)
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+
+def legacy_logprobs(draws: list[Draw], text_of: TokenText, offset: int) -> dict[str, list]:
+    """/v1/completions' logprobs: per token its text, log-prob (None for an echoed prompt's first),
+    top log-probs ({text: log-prob}, None with the log-prob) and character offset in the choice's text."""
+    tokens = [text_of(d.token) for d in draws]
+    offsets = []
+    for token in tokens:
+        offsets.append(offset)
+        offset += len(token)
+    return {
+        "tokens": tokens,
+        "token_logprobs": [d.logprob for d in draws],
+        "top_logprobs": [None if d.logprob is None else {text_of(t): p for t, p in d.top} for d in draws],
+        "text_offset": offsets,
+    }
+
+
+def chat_logprobs(draws: list[Draw], text_of: TokenText) -> dict[str, Any]:
+    """Chat's logprobs: {"content": [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]}."""
+
+    def entry(token: int, logprob: float) -> dict[str, Any]:
+        return {"token": text_of(token), "logprob": logprob, "bytes": list(text_of.bytes(token))}
+
+    content = [{**entry(d.token, d.logprob), "top_logprobs": [entry(t, p) for t, p in d.top]} for d in draws]
+    return {"content": content, "refusal": None}
