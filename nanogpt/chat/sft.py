@@ -192,3 +192,29 @@ class SFTData:
         self, batch_size: int, device: str, seed: int, rank: int = 0, world_size: int = 1
     ) -> SFTLoader:
         return SFTLoader(self.rows, batch_size, device, seed, rank, world_size)
+
+
+def base_tokenizer_meta(init_from: str, ckpt: dict[str, Any] | None) -> dict:
+    """The tokenizer meta of the model a fine-tuning run starts from: the resumed checkpoint's, GPT-2's
+    for GPT-2 weights, else the base checkpoint's (read without loading its weights)."""
+    from nanogpt.checkpoint import is_hf_source, peek_checkpoint
+
+    if ckpt is not None:
+        meta = ckpt.get("tokenizer")
+    elif init_from == "scratch":
+        raise NanoGPTError(
+            "sft_data fine-tunes a base model: give --init_from (gpt2, a checkpoint or an out_dir)"
+        )
+    else:
+        meta = {"name": "gpt2"} if is_hf_source(init_from) else peek_checkpoint(init_from).get("tokenizer")
+    if meta is None:
+        raise NanoGPTError(
+            f"{init_from} names no tokenizer (a nanoGPT checkpoint?): SFT needs one with chat tokens"
+        )
+    return meta
+
+
+def sft_data(cfg: Any, ckpt: dict[str, Any] | None) -> SFTData:
+    """The conversations of cfg.sft_data, read and checked for the model cfg starts from."""
+    meta = base_tokenizer_meta(cfg.init_from, ckpt)
+    return SFTData(cfg.sft_data, meta, cfg.sft_val_fraction, cfg.seed)

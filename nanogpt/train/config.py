@@ -39,6 +39,10 @@ class TrainConfig:
         "data"  # the folder `nanogpt prepare` writes: data_dir/dataset/{train,val}.bin + meta.json
     )
     dataset: str = "openwebtext"
+    # supervised fine-tuning on conversations (nanogpt/chat/sft.py): a JSONL file of OpenAI "messages" or
+    # ShareGPT "conversations" replaces the dataset; the loss trains on the assistant's tokens only
+    sft_data: str = ""
+    sft_val_fraction: float = 0.05  # the share of conversations held out (whole) for the val loss
     gradient_accumulation_steps: int = (
         40  # micro-steps per iteration, over all processes (divided among them)
     )
@@ -129,6 +133,13 @@ class TrainConfig:
         _require(
             self.lora_rank == 0 or self.init_from != "scratch",
             "lora_rank > 0 fine-tunes a base model: give --init_from (gpt2, a HF folder or a checkpoint)",
+        )
+        _require(
+            not self.sft_data or self.init_from != "scratch",
+            "sft_data fine-tunes a base model: give --init_from (gpt2, a HF folder, a checkpoint or an out_dir)",
+        )
+        _require(
+            0 < self.sft_val_fraction < 1, f"sft_val_fraction must be in (0, 1), got {self.sft_val_fraction}"
         )
 
 
