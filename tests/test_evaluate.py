@@ -142,3 +142,21 @@ def test_ids_outside_the_models_vocabulary_are_named():
         NanoGPTError, match="token id 70 in the text to evaluate is outside the model's vocabulary"
     ):
         evaluate(model, ByteTokenizer(), tokens)
+
+
+def test_data_dir_given_is_the_one_evaluated(char_ckpt, data_dir, tmp_path, capsys):
+    """--data_dir names where the checkpoint's own dataset is read from (it evaluated the data_dir
+    saved in the checkpoint whatever was given); a data_dir without it is refused, naming the folder."""
+    out_dir, model, tok = char_ckpt
+    other = tmp_path / "other" / "shakespeare_char"
+    other.mkdir(parents=True)
+    text = "To be, or not to be, that is the question:\n" * 20
+    meta = json.loads((data_dir / "shakespeare_char" / "meta.json").read_text())
+    (other / "meta.json").write_text(json.dumps(meta | {"train_tokens": len(text), "val_tokens": len(text)}))
+    for split in ("train", "val"):
+        tok.encode_array(text).tofile(other / f"{split}.bin")
+    r = eval_json(capsys, f"--out_dir={out_dir}", f"--data_dir={other.parent}")
+    assert r["data"] == f"{other} val" and r["tokens"] == len(text) - 1
+    assert r["loss"] == pytest.approx(reference_loss(model, tok.encode_array(text), 32), rel=1e-5)
+    assert cli(["eval", "--device=cpu", f"--out_dir={out_dir}", f"--data_dir={tmp_path / 'empty'}"]) == 1
+    assert str(tmp_path / "empty" / "shakespeare_char") in capsys.readouterr().err

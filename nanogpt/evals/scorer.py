@@ -72,11 +72,11 @@ def final_hidden_states(model: GPT) -> Iterator[list[torch.Tensor]]:
 @torch.no_grad()
 def score_sequences(model: GPT, seqs: list[Sequence], device: str, dtype: str) -> list[SequenceScore]:
     """One padded forward pass over `seqs`; the head and log-softmax only at the scored positions."""
-    T = max(len(s.tokens) for s in seqs)
+    T = max(len(s.tokens) for s in seqs) - 1  # the last token is a target only
     idx = torch.zeros(len(seqs), T, dtype=torch.long)  # right padding: a causal model never sees it
     rows, positions, targets, counts = [], [], [], []
     for i, s in enumerate(seqs):
-        idx[i, : len(s.tokens)] = torch.tensor(s.tokens)
+        idx[i, : len(s.tokens) - 1] = torch.tensor(s.tokens[:-1])
         first = min(s.core_start, s.lm_start)
         rows += [i] * (len(s.tokens) - first)
         positions += range(first - 1, len(s.tokens) - 1)  # position p predicts token p + 1

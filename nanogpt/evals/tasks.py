@@ -20,8 +20,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from nanogpt.data.sources import RawSource, fetch
+from nanogpt.data.sources import RawSource, cache_dir, fetch
 from nanogpt.errors import NanoGPTError
+from nanogpt.files import write_text_atomic
 from nanogpt.options import tomllib
 
 TYPES = ("multiple_choice", "schema", "language_modeling")
@@ -112,11 +113,10 @@ def _user_task(path: str, type: str, shots: int, **fields: Any) -> Task:
 def _toml_task(path: str) -> Task:
     try:
         spec = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-        file = Path(path).parent / spec.pop("file")
-        task = _user_task(
-            str(file), _SHORT_TYPES.get(spec["type"], spec["type"]), int(spec.get("shots", 0)), **spec
-        )
-    except (KeyError, ValueError, TypeError, OSError) as e:
+        file, type = Path(path).parent / spec["file"], _SHORT_TYPES.get(spec["type"], spec["type"])
+        extra = {key: spec[key] for key in ("delimiter", "random_baseline") if key in spec}
+        task = _user_task(str(file), type, int(spec.get("shots", 0)), **extra)
+    except (KeyError, ValueError, TypeError, OSError, tomllib.TOMLDecodeError) as e:
         raise NanoGPTError(
             f"task description {path}: {e} (keys: file, type, shots, delimiter, random_baseline)"
         ) from None
@@ -218,14 +218,31 @@ def read_hellaswag_text(path: Path) -> list[dict]:
     return items
 
 
-def load_items(task: Task) -> list[dict]:
-    """A task's items in file order."""
-    if task.source is None:
-        return read_jsonl(Path(task.path), task.type)
+def _fetch(task: Task) -> Path:
     try:
-        path = fetch(task.source)
+        return fetch(task.source)
     except NanoGPTError as e:
         raise NanoGPTError(
             f"task {task.name}: file {task.source.folder}/{task.source.filename}: {e}"
         ) from None
+
+
+def load_items(task: Task) -> list[dict]:
+    """A task's items in file order."""
+    if task.source is None:
+        return read_jsonl(Path(task.path), task.type)
+    path = _fetch(task)
     return read_hellaswag_text(path) if task.source is _HELLASWAG else read_jsonl(path, task.type)
+
+
+def task_jsonl(task: Task) -> Path:
+    """A task's items as a JSONL file of its layout (HellaSwag's text: converted once into the cache)."""
+    if task.source is None:
+        return Path(task.path)
+    if task.source is not _HELLASWAG:
+        return _fetch(task)
+    target = cache_dir() / "evals" / "hellaswag.jsonl"
+    if not target.is_file():
+        lines = (json.dumps(item) + "\n" for item in read_hellaswag_text(_fetch(task)))
+        write_text_atomic(target, "".join(lines))
+    return target
