@@ -8,7 +8,7 @@ import torch
 
 from nanogpt import GPT, GPTConfig
 from nanogpt.errors import NanoGPTError
-from nanogpt.generate import BatchDecoder, Sampling, generate_stream
+from nanogpt.generate import BatchDecoder, Penalties, Sampling, generate_stream
 
 # (step it joins at, prompt length, tokens to generate, seed): different lengths, joining and leaving
 # at different steps, one finishing on its first token
@@ -97,3 +97,31 @@ def test_join_refuses_a_full_batch_or_a_prompt_that_does_not_fit():
         decoder.join("b", [1], Sampling())
     decoder.leave("a")
     assert decoder.free == 1
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "manual"])
+def test_a_row_that_fails_leaves_nothing_behind(attention):
+    """A sequence whose logits turn NaN mid-decoding (logit_bias makes it read the poisoned token) fails
+    alone, in its own Draw; a shorter sequence that then takes its row, beside a longer one (so its
+    attention spans the stale, masked slots), decodes exactly as alone: a masked slot still multiplies
+    its value by 0, and 0 * NaN is NaN, so a row's slots are zeroed when it is reused."""
+    model = tiny_model(attention)
+    with torch.no_grad():  # untied: only a sequence that reads token 7 gets NaN
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.clone())
+        model.transformer.wte.weight[7] = float("nan")
+    greedy = Sampling(temperature=0.0)
+    decoder = BatchDecoder(model, rows=3)
+    to_poison = Penalties(logit_bias=((7, 100.0),))
+    assert decoder.join("bad", [1, 2, 3, 4, 5], greedy, penalties=to_poison).token == 7
+    assert decoder.join("bad2", [3, 3], greedy, penalties=to_poison).token == 7
+    assert all(d.error and d.token == -1 for d in decoder.step())  # their NaN keys/values are cached
+    decoder.leave("bad")  # "bad2" (the last row) moves into row 0, then leaves too
+    decoder.leave("bad2")
+    ok = [[2, 4], list(range(10, 30))]
+    out = {key: [decoder.join(key, ok[key], greedy).token] for key in (0, 1)}
+    for _ in range(10):
+        for key, draw in zip(list(decoder.keys), decoder.step(), strict=True):
+            assert draw.error is None
+            out[key].append(draw.token)
+    for key in (0, 1):
+        assert out[key] == decode_alone(model, ok[key], 11, greedy, seed=0), key

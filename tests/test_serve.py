@@ -4,9 +4,12 @@ with the right status for every kind of bad request."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import string
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -341,5 +344,336 @@ def test_a_client_that_leaves_mid_stream_frees_its_row(char_model):
             threading.Event().wait(0.01)
         assert client.get("/health").json()["running"] == 0
         assert jobs[0].cancelled and jobs[0].completions[0].tokens < 1000
+    finally:
+        client.__exit__(None, None, None)
+
+
+def poisoned_model(tok) -> GPT:
+    """A model whose input embedding of "Z" is NaN (its head untied, so only a sequence that holds a Z
+    gets NaN logits): the model a broken checkpoint gives, for one request only."""
+    torch.manual_seed(0)
+    config = GPTConfig(block_size=CONTEXT, vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=32)
+    model = GPT(dataclasses.replace(config, tie_embeddings=False)).eval()
+    with torch.no_grad():
+        model.transformer.wte.weight[tok.encode("Z")[0]] = float("nan")
+    return model
+
+
+def test_one_failing_request_never_stops_the_others(char_model):
+    """NaN logits fail that request alone (500 JSON; a stream: an error event, then [DONE]); tiny
+    temperatures (1e-300, 5e-324: 0 in float32) draw near-greedily; every other request before, among
+    and after them gets its exact text and /health stays ok and idle."""
+    _, tok = char_model
+    model = poisoned_model(tok)
+    client = start(Served(model, tok, "poisoned"), max_batch=2)
+    try:
+        good = {"prompt": "Hello", "max_tokens": 12, "seed": 5, "temperature": 0.9}
+        expected = alone(model, tok, "Hello", 12, 5, temperature=0.9)
+        bad = client.post("/v1/completions", json={"prompt": "aZ", "max_tokens": 4})
+        assert bad.status_code == 500 and bad.json()["error"]["code"] == "decoding_failed", bad.text
+        with client.stream("POST", "/v1/completions", json={"prompt": "Z", "stream": True}) as r:
+            data = events(r)
+        assert data[-1] == "[DONE]" and json.loads(data[-2])["error"]["code"] == "decoding_failed"
+        greedy = client.post("/v1/completions", json={**good, "temperature": 0}).json()["choices"][0]["text"]
+        for t in (1e-300, 5e-324):
+            tiny = client.post("/v1/completions", json={**good, "temperature": t})
+            assert tiny.status_code == 200 and tiny.json()["choices"][0]["text"] == greedy
+        replies = [client.post("/v1/completions", json=good).json() for _ in range(3)]
+        assert [r["choices"][0]["text"] for r in replies] == [expected] * 3
+        assert client.get("/health").json() == {
+            "status": "ok",
+            "model": "poisoned",
+            "running": 0,
+            "waiting": 0,
+        }
+    finally:
+        client.__exit__(None, None, None)
+
+
+def test_health_reports_a_decoding_thread_that_died():
+    """A decoding loop that dies (a bug) says so: /health and new requests are 503 naming why."""
+    tok = CharTokenizer("".join(sorted(CHARS)))
+    client = start(Served(tiny_model(tok.vocab_size), tok, "tiny"))
+    try:
+        scheduler = client.app.state.nanogpt.scheduler
+
+        def broken():
+            raise RuntimeError("a bug in the loop")
+
+        scheduler._admit = broken  # the loop's next call raises outside any request's try
+        with scheduler.wake:
+            scheduler.wake.notify()
+        client.post("/v1/completions", json={"prompt": "a"})  # wakes the loop (or finds it dead)
+        scheduler.thread.join(10)
+        health = client.get("/health")
+        assert health.status_code == 503 and "a bug in the loop" in health.json()["error"]["message"]
+        after = client.post("/v1/completions", json={"prompt": "a"})
+        assert after.status_code == 503 and after.json()["error"]["code"] == "decoder_failed"
+    finally:
+        client.__exit__(None, None, None)
+
+
+DEEP = b"[" * 5000 + b"]" * 5000
+
+
+@pytest.mark.parametrize(
+    "body, param, code",
+    [
+        (DEEP, None, "invalid_json"),  # deeper than Python's parser recurses
+        (b'{"prompt": ' + DEEP + b"}", None, "invalid_json"),
+        # more completions than the queue holds can never fit: 400 (not a retryable 503), counted before
+        # any prompt is read (the last one here is not even valid)
+        ({"prompt": ["a"] * 99 + ["naïve"], "n": 3}, "prompt", "too_many_completions"),
+        ({"prompt": "a", "n": 3, "logprobs": 1, "echo": True, "max_tokens": -1}, "max_tokens", None),
+    ],
+)
+def test_requests_that_used_to_break_the_server(body, param, code):
+    tok = CharTokenizer("".join(sorted(CHARS)))
+    client = start(Served(tiny_model(tok.vocab_size), tok, "tiny"), max_n=3, max_waiting=256)
+    try:
+        kwargs = {"content": body} if isinstance(body, bytes) else {"json": body}
+        r = client.post("/v1/completions", **kwargs)
+        assert r.status_code == 400, r.text
+        assert (r.json()["error"]["param"], r.json()["error"]["code"]) == (param, code)
+    finally:
+        client.__exit__(None, None, None)
+
+
+def test_max_completion_tokens_0_is_refused_like_max_tokens_0(client):
+    body = {"messages": [{"role": "user", "content": "Hi"}], "max_completion_tokens": 0}
+    r = client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_completion_tokens"
+    ok = client.post("/v1/chat/completions", json={**body, "max_completion_tokens": 3, "max_tokens": 0})
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] <= 3
+
+
+def test_long_stop_strings_cost_o_new_text(char_model):
+    """4 stop strings of 240,000 characters (a legal body just under 1 MB) that never match: the reply is
+    the text without them, and it comes in seconds (it took 32 s with prefix slicing; every other client
+    waited meanwhile)."""
+    model, tok = char_model
+    client = start(Served(model, tok, "tiny"), max_body_bytes=1_000_000)
+    try:
+        stops = [c * 240_000 for c in "abcd"]
+        greedy = {"prompt": "Hello", "max_tokens": 10, "temperature": 0}
+        plain = client.post("/v1/completions", json=greedy).json()["choices"][0]["text"]
+        began = time.monotonic()
+        r = client.post("/v1/completions", json={**greedy, "stop": stops})
+        assert r.json()["choices"][0]["text"] == plain
+        assert time.monotonic() - began < 5
+    finally:
+        client.__exit__(None, None, None)
+
+
+def forward_logprobs(model: GPT, ids: list[int]) -> torch.Tensor:
+    """Log-probs of every next token after each position of ids, from one plain forward pass without
+    a cache, (T, V) in float32: what the server's log-probs must equal."""
+    idx = torch.tensor([ids])
+    with torch.no_grad():
+        logits, _ = model(idx, idx)  # with targets: every position's logits
+    return torch.log_softmax(logits[0].float(), dim=-1)
+
+
+def check_logprobs(model, tok, text: str, logprobs: dict, echoed: int, top: int) -> None:
+    """Each token's log-prob and top log-probs equal the forward pass over `text` (prompt + reply; the
+    first `echoed` characters are the echoed prompt), and text_offset counts characters into it."""
+    ids = tok.encode(text)
+    assert "".join(logprobs["tokens"]) == text[len(text) - len(logprobs["tokens"]) :]
+    reference = forward_logprobs(model, ids)
+    first = len(ids) - len(logprobs["tokens"])
+    for k, (token, lp, tops, offset) in enumerate(
+        zip(
+            *(logprobs[key] for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset")),
+            strict=True,
+        )
+    ):
+        pos = first + k
+        assert offset == pos and tok.encode(token) == [ids[pos]]
+        if pos == 0:
+            assert lp is None and tops is None and echoed
+            continue
+        assert abs(lp - float(reference[pos - 1, ids[pos]])) < 1e-4, (k, lp)
+        values, best = torch.topk(reference[pos - 1], top)
+        assert list(tops) == [tok.decode([int(b)]) for b in best]
+        for (_, got), want in zip(tops.items(), values.tolist(), strict=True):
+            assert abs(got - want) < 1e-4
+
+
+def test_logprobs_and_echo_equal_a_forward_pass_batched_with_others(char_model):
+    """logprobs=3 with echo, sampled with a seed, n=2, while other requests decode in the same batch:
+    the prompt's and the generated tokens' log-probs (cached, batched decoding) equal one plain forward
+    pass over the whole text; max_tokens=0 scores the prompt alone; the token-id prompt forms give the
+    string prompt's reply."""
+    model, tok = char_model
+    client = start(Served(model, tok, "tiny"), max_batch=6, max_n=4)
+    try:
+        body = {
+            "prompt": "Hello there",
+            "max_tokens": 12,
+            "seed": 3,
+            "temperature": 0.9,
+            "n": 2,
+            "logprobs": 3,
+        }
+        others = {"prompt": "abc", "max_tokens": 30, "seed": 1, "n": 3}
+        with ThreadPoolExecutor(3) as pool:
+            busy = [pool.submit(client.post, "/v1/completions", json=others) for _ in range(2)]
+            echoed = client.post("/v1/completions", json={**body, "echo": True}).json()
+            plain = client.post("/v1/completions", json=body).json()
+            assert all(b.result().status_code == 200 for b in busy)
+        for e, p in zip(echoed["choices"], plain["choices"], strict=True):
+            assert e["text"] == "Hello there" + p["text"]
+            check_logprobs(model, tok, e["text"], e["logprobs"], echoed=11, top=3)
+            check_logprobs(model, tok, e["text"], p["logprobs"], echoed=0, top=3)
+            assert p["logprobs"]["text_offset"][0] == 11  # offsets count from the prompt's start
+        score = {"prompt": "Hello there", "max_tokens": 0, "echo": True, "logprobs": 1}
+        scored = client.post("/v1/completions", json=score).json()
+        assert scored["choices"][0]["text"] == "Hello there" and scored["usage"]["completion_tokens"] == 0
+        check_logprobs(model, tok, "Hello there", scored["choices"][0]["logprobs"], echoed=11, top=1)
+        ids = tok.encode("Hello there")
+        for prompt in (ids, [ids, ids]):
+            again = client.post("/v1/completions", json={**body, "prompt": prompt}).json()
+            assert again["choices"][0]["text"] == plain["choices"][0]["text"]
+    finally:
+        client.__exit__(None, None, None)
+
+
+def greedy_reference(
+    model, ids: list[int], n: int, presence: float, frequency: float, bias: dict
+) -> list[int]:
+    """Greedy decoding with OpenAI's penalties and logit_bias, recomputing every step: the reference."""
+    out = []
+    for _ in range(n):
+        logits = model(torch.tensor([ids + out]))[0][0, -1].detach().float()
+        counts = torch.bincount(torch.tensor(out, dtype=torch.long), minlength=logits.numel()).float()
+        logits = logits - counts * frequency - (counts > 0).float() * presence
+        for token, b in bias.items():
+            logits[token] += b
+        out.append(int(logits.argmax()))
+    return out
+
+
+@pytest.mark.parametrize(
+    "presence, frequency, bias",
+    [(0.0, 2.0, {}), (1.5, 0.0, {}), (0.0, 0.0, {"x": 100.0}), (-2.0, 0.5, {"e": -100.0, " ": 5.0})],
+)
+def test_penalties_and_logit_bias_follow_openais_formula(client, char_model, presence, frequency, bias):
+    model, tok = char_model
+    ids = {tok.encode(k)[0]: v for k, v in bias.items()}
+    body = {
+        "prompt": "The cat",
+        "max_tokens": 20,
+        "temperature": 0,
+        "presence_penalty": presence,
+        "frequency_penalty": frequency,
+        "logit_bias": {str(k): v for k, v in ids.items()},
+    }
+    text = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    assert tok.encode(text) == greedy_reference(model, tok.encode("The cat"), 20, presence, frequency, ids)
+
+
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"presence_penalty": 2.5}, "presence_penalty"),
+        ({"frequency_penalty": -3}, "frequency_penalty"),
+        ({"logit_bias": {"999": 1}}, "logit_bias"),
+        ({"logit_bias": {"1": 101}}, "logit_bias"),
+        ({"logit_bias": {"x": 1}}, "logit_bias"),
+        ({"logprobs": -1}, "logprobs"),
+        ({"max_tokens": 0, "echo": True}, "max_tokens"),  # scoring needs logprobs
+        ({"prompt": [[1, 2], []]}, "prompt.1"),
+        ({"prompt": [[1, 999]]}, "prompt.0"),
+    ],
+)
+def test_out_of_range_options_are_400s_naming_them(client, body, param):
+    r = client.post("/v1/completions", json={"prompt": "a", **body})
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+def test_chat_logprobs(client, char_model):
+    model, tok = char_model
+    body = {
+        "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": 6,
+        "seed": 2,
+        "logprobs": True,
+        "top_logprobs": 2,
+    }
+    reply = client.post("/v1/chat/completions", json=body).json()["choices"][0]
+    content = reply["logprobs"]["content"]
+    prompt = "User: Hi\nAssistant:"
+    ids = tok.encode(prompt) + [tok.encode(c["token"])[0] for c in content]
+    reference = forward_logprobs(model, ids)
+    for k, c in enumerate(content):
+        pos = len(tok.encode(prompt)) + k
+        assert abs(c["logprob"] - float(reference[pos - 1, ids[pos]])) < 1e-4
+        assert c["bytes"] == list(c["token"].encode()) and len(c["top_logprobs"]) == 2
+    assert (
+        reply["message"]["content"]
+        == "".join(c["token"] for c in content)[: len(reply["message"]["content"])]
+    )
+    bad = client.post("/v1/chat/completions", json={**body, "top_logprobs": 21})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "top_logprobs"
+
+
+def test_streamed_logprobs_are_the_whole_replys(client):
+    body = {"prompt": "abc", "max_tokens": 9, "seed": 4, "logprobs": 2, "echo": True}
+    whole = client.post("/v1/completions", json=body).json()["choices"][0]["logprobs"]
+    with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+        chunks = [json.loads(d)["choices"][0]["logprobs"] for d in events(r)[:-1]]
+    joined = {key: [v for c in chunks if c for v in c[key]] for key in whole}
+    assert joined == whole
+
+
+def test_rotary_models_serve_past_block_size(char_model):
+    """A rotary model's rows roll past block_size (48 here): a 60-character prompt and 40 new tokens,
+    the text decoded alone (generate_stream's rolling cache, tested against a windowed recompute)."""
+    _, tok = char_model
+    torch.manual_seed(0)
+    config = GPTConfig(
+        block_size=CONTEXT, vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=32, position="rope"
+    )
+    model = GPT(config).eval()
+    client = start(Served(model, tok, "rope"), max_batch=3)
+    try:
+        prompt = ("To be or not to be, that is the question. " * 2)[:60]
+        body = {"prompt": prompt, "max_tokens": 40, "seed": 9, "n": 2}
+        reply = client.post("/v1/completions", json=body).json()
+        for i, choice in enumerate(reply["choices"]):
+            assert choice["text"] == alone(model, tok, prompt, 40, 9 + i), i
+    finally:
+        client.__exit__(None, None, None)
+
+
+def test_metrics_in_prometheus_text_format(char_model):
+    model, tok = char_model
+    client = start(Served(model, tok, "tiny"), max_n=3)
+    try:
+        replies = [
+            client.post("/v1/completions", json={"prompt": "ab", "max_tokens": 5 + i, "n": 2})
+            for i in range(3)
+        ]
+        client.post("/v1/completions", json={"prompt": "a", "n": 9})
+        with client.stream(
+            "POST", "/v1/completions", json={"prompt": "abc", "max_tokens": 4, "stream": True}
+        ) as r:
+            events(r)
+        text = client.get("/metrics").text
+        values = {
+            line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line and not line.startswith("#")
+        }
+        generated = sum(r.json()["usage"]["completion_tokens"] for r in replies) + 4
+        assert values['nanogpt_requests_total{endpoint="/v1/completions",status="200"}'] == 4
+        assert values['nanogpt_requests_total{endpoint="/v1/completions",status="400"}'] == 1
+        assert values["nanogpt_generation_tokens_total"] == generated
+        assert values["nanogpt_prompt_tokens_total"] == 3 * 2 * 2 + 3
+        assert values["nanogpt_time_to_first_token_seconds_count"] == 7  # one per completion
+        assert values["nanogpt_inter_token_latency_seconds_count"] == generated - 7
+        assert values['nanogpt_batch_size_bucket{le="+Inf"}'] == values["nanogpt_batch_size_count"] > 0
+        assert values["nanogpt_num_requests_running"] == values["nanogpt_num_requests_waiting"] == 0
+        assert "# TYPE nanogpt_time_to_first_token_seconds histogram" in text
     finally:
         client.__exit__(None, None, None)

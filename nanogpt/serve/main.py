@@ -4,28 +4,29 @@
     nanogpt serve --init_from=gpt2 --port=0 --api_key=secret    # port 0: any free port (printed)
 
 The server listens at once and loads the model in the background (/health: 503, then 200). SIGTERM or
-Ctrl-C stops accepting, gives running requests a few seconds to finish, cancels the rest, exits 0."""
+Ctrl-C stops accepting, gives running requests a few seconds to finish, then ends the rest with an error
+(OpenAI's JSON; a stream: an error event and [DONE]) and exits 0; a second Ctrl-C ends them at once.
+SIGTERM before the server listens exits 0 too. torch is imported only once a signal handler is in place."""
 
 from __future__ import annotations
 
+import errno
 import functools
 import importlib.util
 import ipaddress
 import os
+import signal
 import socket
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from nanogpt.checkpoint import load_for_inference, model_source
-from nanogpt.device import DtypeName, autocast, check_dtype, resolve_device, resolve_dtype
 from nanogpt.errors import NanoGPTError
 from nanogpt.options import parse_options
 
 API_KEY_ENV = "NANOGPT_API_KEY"
-GRACE_SECONDS = 3  # how long a stopping server lets running requests finish before cancelling them
+GRACE_SECONDS = 3  # how long a stopping server lets running requests finish before ending them
 
 
 @dataclass
@@ -35,7 +36,7 @@ class ServeConfig:
     host: str = "127.0.0.1"  # anything but loopback without an api_key prints a warning
     port: int = 8000  # 0: any free port (the address is printed)
     device: str = "auto"  # auto (cuda > mps > cpu) | cpu | cuda | cuda:1 | mps
-    dtype: DtypeName = "float32"  # float32, bfloat16 / float16 through torch.autocast, or auto
+    dtype: str = "float32"  # float32, bfloat16 / float16 through torch.autocast, or auto
     compile: bool = False  # torch.compile the model
     threads: int = 0  # torch's CPU threads (0: PyTorch's default)
     model_name: str = ""  # the model id clients send and /v1/models shows ("": out_dir's name or init_from)
@@ -48,6 +49,8 @@ class ServeConfig:
     log_level: str = "warning"  # uvicorn's ("info" logs every request)
 
     def __post_init__(self):
+        from nanogpt.device import check_dtype
+
         check_dtype(self.dtype)
         for name in ("max_batch", "max_waiting", "max_n", "max_body_bytes"):
             if getattr(self, name) < 1:
@@ -82,14 +85,27 @@ def bind(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as e:
         sock.close()
-        raise NanoGPTError(f"cannot listen on {host}:{port} ({e.strerror}): pick another --port") from None
+        raise NanoGPTError(bind_error(host, port, e)) from None
     sock.listen(2048)
     sock.set_inheritable(True)
     return sock
 
 
+def bind_error(host: str, port: int, e: OSError) -> str:
+    """The line that says why binding host:port failed, naming the option to change."""
+    if isinstance(e, socket.gaierror):
+        return f"cannot listen on --host={host}: no such host ({e.strerror}): give an IP address or a name this machine resolves"
+    if e.errno == errno.EADDRNOTAVAIL:
+        return f"cannot listen on --host={host}: not an address of this machine: pick another --host (127.0.0.1, 0.0.0.0)"
+    if e.errno == errno.EACCES:
+        return f"cannot listen on port {port} (permission denied): pick a --port of 1024 or more"
+    return f"cannot listen on {host}:{port} ({e.strerror}): pick another --port"
+
+
 def load(cfg: ServeConfig, device: str):
     """The Served model (runs in the server's loading thread)."""
+    from nanogpt.checkpoint import load_for_inference, model_source
+    from nanogpt.device import autocast, resolve_dtype
     from nanogpt.serve.app import Served
 
     source = model_source(cfg.init_from, cfg.out_dir)
@@ -104,15 +120,22 @@ def load(cfg: ServeConfig, device: str):
 def serve(cfg: ServeConfig) -> None:
     """Run the server until a signal stops it; a model that fails to load stops it with the error."""
     require_extra()
+    import torch
     import uvicorn
 
+    from nanogpt.device import resolve_device
     from nanogpt.serve.app import Settings, create_app
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame) -> None:
+            first = not self.should_exit
             super().handle_exit(sig, frame)
             # a signal is how a server is asked to stop: exit 0 after shutting down, do not re-raise it
             getattr(self, "_captured_signals", []).clear()
+            # running requests get GRACE_SECONDS, then end with an error reply; a second signal: now
+            drain = threading.Timer(GRACE_SECONDS if first else 0, state.drain)
+            drain.daemon = True
+            drain.start()
 
     device = resolve_device(cfg.device)
     if cfg.threads:
@@ -134,8 +157,10 @@ def serve(cfg: ServeConfig) -> None:
     settings = Settings(api_key, **limits, max_n=cfg.max_n, max_body_bytes=cfg.max_body_bytes)
     settings.on_load_error = stop_on_error
     app = create_app(functools.partial(load, cfg, device), settings)
+    state = app.state.nanogpt
+    # uvicorn's own deadline comes after ours: by then every request has had its error reply
     config = uvicorn.Config(
-        app, log_level=cfg.log_level, access_log=False, timeout_graceful_shutdown=GRACE_SECONDS
+        app, log_level=cfg.log_level, access_log=False, timeout_graceful_shutdown=GRACE_SECONDS + 5
     )
     server = Server(config)
     sock = bind(cfg.host, cfg.port)
@@ -143,13 +168,32 @@ def serve(cfg: ServeConfig) -> None:
     print(
         f"nanogpt serve: listening on http://{host}:{port} (playground at /, OpenAI API at /v1)", flush=True
     )
-    server.run(sockets=[sock])
+    try:
+        server.run(sockets=[sock])
+    finally:
+        # the decoding thread ends before the interpreter does: one killed inside a torch op at exit
+        # aborted the process (SIGABRT) after a second Ctrl-C
+        state.drain()
     if errors:
         raise NanoGPTError(errors[0])
 
 
+class StoppedBeforeListening(BaseException):
+    """SIGTERM came before the server listened (uvicorn handles it from then on)."""
+
+
+def _stop_before_listening(signum: int, frame: object) -> None:
+    raise StoppedBeforeListening
+
+
 def main(argv: list[str]) -> int:
-    cfg = parse_options(ServeConfig, argv, "usage: nanogpt serve [--key=value ...]")
-    if cfg is not None:
-        serve(cfg)
+    previous = signal.signal(signal.SIGTERM, _stop_before_listening)
+    try:
+        cfg = parse_options(ServeConfig, argv, "usage: nanogpt serve [--key=value ...]")
+        if cfg is not None:
+            serve(cfg)
+    except StoppedBeforeListening:
+        print("nanogpt serve: stopped (SIGTERM) before listening", file=sys.stderr)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0

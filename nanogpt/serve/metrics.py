@@ -66,64 +66,31 @@ class Metrics:
 
     def text(self, running: int, waiting: int) -> str:
         """Prometheus' text exposition format (version 0.0.4)."""
-
-        def metric(name: str, kind: str, about: str, lines: list[str]) -> list[str]:
-            return [f"# HELP {name} {about}", f"# TYPE {name} {kind}", *lines]
-
         p = "nanogpt_"
         with self.lock:
             requests = [
                 f'{p}requests_total{{endpoint="{e}",status="{s}"}} {n}'
                 for (e, s), n in sorted(self.requests.items())
             ]
-            out = [
-                *metric(
-                    f"{p}requests_total",
-                    "counter",
-                    "Requests answered, by endpoint and HTTP status.",
-                    requests,
-                ),
-                *metric(
-                    f"{p}prompt_tokens_total",
-                    "counter",
-                    "Prompt tokens read.",
-                    [f"{p}prompt_tokens_total {self.prompt_tokens}"],
-                ),
-                *metric(
-                    f"{p}generation_tokens_total",
-                    "counter",
-                    "Tokens generated.",
-                    [f"{p}generation_tokens_total {self.generation_tokens}"],
-                ),
-                *metric(
-                    f"{p}num_requests_running",
-                    "gauge",
-                    "Completions decoding now.",
-                    [f"{p}num_requests_running {running}"],
-                ),
-                *metric(
-                    f"{p}num_requests_waiting",
-                    "gauge",
-                    "Completions waiting for a row.",
-                    [f"{p}num_requests_waiting {waiting}"],
-                ),
-                *metric(
-                    f"{p}batch_size",
-                    "histogram",
-                    "Completions per decoding step.",
-                    self.batch.lines(f"{p}batch_size"),
-                ),
-                *metric(
-                    f"{p}time_to_first_token_seconds",
+            table = [
+                ("requests_total", "counter", "Requests answered, by endpoint and HTTP status.", requests),
+                ("prompt_tokens_total", "counter", "Prompt tokens read.", self.prompt_tokens),
+                ("generation_tokens_total", "counter", "Tokens generated.", self.generation_tokens),
+                ("num_requests_running", "gauge", "Completions decoding now.", running),
+                ("num_requests_waiting", "gauge", "Completions waiting for a row.", waiting),
+                ("batch_size", "histogram", "Completions per decoding step.", self.batch),
+                (
+                    "time_to_first_token_seconds",
                     "histogram",
                     "From a request's arrival to its first token.",
-                    self.ttft.lines(f"{p}time_to_first_token_seconds"),
+                    self.ttft,
                 ),
-                *metric(
-                    f"{p}inter_token_latency_seconds",
-                    "histogram",
-                    "Between a completion's tokens.",
-                    self.itl.lines(f"{p}inter_token_latency_seconds"),
-                ),
+                ("inter_token_latency_seconds", "histogram", "Between a completion's tokens.", self.itl),
             ]
+            out = []
+            for name, kind, about, value in table:
+                if isinstance(value, Histogram):
+                    value = value.lines(p + name)
+                lines = value if isinstance(value, list) else [f"{p}{name} {value}"]
+                out += [f"# HELP {p}{name} {about}", f"# TYPE {p}{name} {kind}", *lines]
         return "\n".join(out) + "\n"
