@@ -8,6 +8,7 @@ import errno
 import os
 import re
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
@@ -34,7 +35,10 @@ def atomic_open(path: str | Path, mode: str = "w", durable: bool = False) -> Ite
                     os.fsync(f.fileno())
             os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(
+            OSError
+        ):  # a read-only disk refuses even this: the first error is the one to tell
+            tmp.unlink(missing_ok=True)
         raise
     if durable:
         folder = os.open(path.parent, os.O_RDONLY)
@@ -96,6 +100,46 @@ def _disk_full(path: Path) -> bool:
         return shutil.disk_usage(path.parent).free < (1 << 20)
     except OSError:
         return False
+
+
+def umask() -> int:
+    """This process's umask (reading it means setting it: set back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def temporary_folder(target: Path, kind: str) -> Path:
+    """A new empty folder beside `target` to fill and rename over it: .NAME.KIND-PID-XXXXXXXX, with the
+    mode mkdir gives (mkdtemp's is 0700), so the renamed folder is as readable as any other.
+    remove_stale_folders finds it once its process is dead."""
+    with writing(target.parent):
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{kind}-{os.getpid()}-", dir=target.parent))
+        os.chmod(tmp, 0o777 & ~umask())
+    return tmp
+
+
+def normal_modes(folder: Path) -> None:
+    """Give the files in `folder` the mode open() gives (some writers make theirs 0600)."""
+    for path in folder.iterdir():
+        if path.is_file() and not path.is_symlink():
+            os.chmod(path, 0o666 & ~umask())
+
+
+def remove_stale_folders(target: Path, kind: str) -> list[Path]:
+    """Delete the temporary folders beside `target` (temporary_folder's, of this `kind`) whose process is
+    no longer alive (a kill -9 leaves them behind); returns them. Nothing else is touched: only a folder
+    named as this project names them, holding a pid that no process has."""
+    pattern = re.compile(rf"^\.{re.escape(target.name)}\.{re.escape(kind)}-(\d+)(-[A-Za-z0-9_]+)?$")
+    removed = []
+    if not target.parent.is_dir():
+        return removed
+    for path in target.parent.iterdir():
+        match = pattern.match(path.name)
+        if match and path.is_dir() and not path.is_symlink() and not _alive(int(match.group(1))):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
 
 
 def remove_stale_temporaries(folder: str | Path) -> list[Path]:

@@ -21,6 +21,7 @@ from nanogpt.files import read_utf8
 from nanogpt.generate import Sampling, decode_stream, generate_stream
 from nanogpt.model import GPT
 from nanogpt.options import parse_options
+from nanogpt.processes import exits_on_sigterm
 
 C = TypeVar("C")
 
@@ -111,6 +112,7 @@ def sample(cfg: SampleConfig, out: TextIO | None = None) -> list[str]:
     return samples
 
 
+@exits_on_sigterm
 def main(argv: list[str]) -> int:
     cfg = parse_options(SampleConfig, argv, "usage: nanogpt sample [--key=value ...]")
     if cfg is not None:

@@ -389,6 +389,7 @@ def test_openwebtext_from_local_text_files(tmp_path, hf_datasets):
     assert read_meta(out) == meta
 
 
+@pytest.mark.slow
 def test_fineweb_from_parquet_tokenized_by_two_processes(tmp_path, hf_datasets):
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -410,6 +411,7 @@ def test_fineweb_from_parquet_tokenized_by_two_processes(tmp_path, hf_datasets):
     assert len(_documents_of(got[1], tok.eot)) == 10
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_a_parallel_re_prepare_keeps_the_old_dataset(tmp_path):
     """Ctrl-C reaches the whole process group (the workers too): exit 130, no traceback, the old dataset
     and nothing else in data_dir, no worker left behind."""
@@ -469,3 +471,95 @@ def test_non_utf8_byte_located_exactly_whatever_the_block_edges(tmp_path, monkey
     where = f"byte b'\\xff' at offset {len(good) + 2} (line 4, column 3): invalid start byte"
     assert err.count("\n") == 1 and where in err, err
     assert not (tmp_path / "data").exists() or not list((tmp_path / "data").iterdir())
+
+
+def _start_parallel_prepare(tmp_path: Path) -> tuple[subprocess.Popen, Path, dict]:
+    """A 2-process GPT-2 re-prepare of 12 MB over a small dataset `mine`, once its first encoded pieces
+    land in the staging folder (the workers are running then); (process, data_dir, the old folder's hash)."""
+    import sys
+    import time
+
+    from nanogpt.data.synthetic import write_corpus
+
+    data = tmp_path / "data"
+    small = tmp_path / "small.txt"
+    small.write_text("old text\n" * 1000)
+    prepare_dataset("mine", source=small, data_dir=data, tokenizer="gpt2")
+    before = _folder_hash(data / "mine")
+    write_corpus(tmp_path / "big", 12_000_000, seed=0, docs_per_file=100)
+    argv = ["prepare", "mine", "--source", str(tmp_path / "big"), "--tokenizer", "gpt2", "--num_proc", "2"]
+    with open(tmp_path / "stderr.txt", "w") as err:  # a file: a worker left alive holds no pipe open
+        child = subprocess.Popen(
+            [sys.executable, "-m", "nanogpt", *argv, "--data_dir", str(data)],
+            stderr=err,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+    deadline = time.monotonic() + 60
+    while not any(f.stat().st_size for f in data.glob(".mine.new-*/*.bin")):
+        assert child.poll() is None and time.monotonic() < deadline, (tmp_path / "stderr.txt").read_text()
+        time.sleep(0.01)
+    return child, data, before
+
+
+def _alive(pids: list[int]) -> list[int]:
+    import psutil
+
+    def running(pid: int) -> bool:
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    return [pid for pid in pids if running(pid)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM", "SIGKILL"])
+def test_no_worker_outlives_a_parallel_prepare_however_it_is_stopped(tmp_path, sig):
+    """The signal goes to the parent alone (a service manager, `kill PID`): its pool workers end with it
+    within 5 s, whether it exits cleanly (SIGINT: 130, SIGTERM: one line and 143) or is killed (-9). The old
+    dataset is intact; the staging folder a kill -9 leaves is removed by the next prepare of that name."""
+    import signal
+    import time
+
+    import psutil
+
+    child, data, before = _start_parallel_prepare(tmp_path)
+    workers = [p.pid for p in psutil.Process(child.pid).children(recursive=True)]
+    assert len(workers) == 2, workers
+    os.kill(child.pid, getattr(signal, sig))
+    code = child.wait(timeout=60)
+    err = (tmp_path / "stderr.txt").read_text()
+    deadline = time.monotonic() + 5
+    while _alive(workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    left = _alive(workers)
+    for pid in left:  # so that a failing run leaves nothing behind either
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"workers {left} outlived their parent ({sig})"
+    assert code == {"SIGINT": 130, "SIGTERM": 143, "SIGKILL": -9}[sig], err
+    if sig != "SIGKILL":
+        assert "Traceback" not in err and err.strip().splitlines()[-1] == {"SIGINT": "interrupted"}.get(
+            sig, "terminated"
+        ), err
+        assert sorted(p.name for p in data.iterdir()) == ["mine"]
+    else:
+        assert [p.name for p in data.glob(".mine.new-*")], "kill -9 leaves its staging folder"
+        prepare_dataset("mine", source=tmp_path / "small.txt", data_dir=data, tokenizer="gpt2")
+        assert sorted(p.name for p in data.iterdir()) == ["mine"]
+    assert _folder_hash(data / "mine") == before
+
+
+def test_only_dead_prepares_staging_folders_are_removed(tmp_path):
+    """A staging folder of a live process, and folders named otherwise, stay; a dead pid's goes."""
+    data = tmp_path / "data"
+    proc = subprocess.Popen(["true"])  # a pid that has exited
+    proc.wait()
+    dead = proc.pid
+    keep = [f".mine.new-{os.getpid()}-abc", f".other.new-{dead}-abc", ".mine.new-xyz", "mine.new-1-a"]
+    for name in [*keep, f".mine.new-{dead}-abc123", f".mine.old-{dead}"]:
+        (data / name).mkdir(parents=True)
+    (data / f".mine.new-{dead}-file").write_text("a file is never removed")
+    (tmp_path / "a.txt").write_text("some text\n" * 50)
+    prepare_dataset("mine", source=tmp_path / "a.txt", data_dir=data, tokenizer="char")
+    assert sorted(p.name for p in data.iterdir()) == sorted([*keep, f".mine.new-{dead}-file", "mine"])

@@ -44,7 +44,7 @@ from nanogpt.data.sources import (
     sources_sha256,
 )
 from nanogpt.data.splits import Corpus, Segment, plan_corpus, split_rule
-from nanogpt.data.staging import BPE_FILE, staged, write_tokens
+from nanogpt.data.staging import BPE_FILE, remove_leftovers, staged, write_tokens
 from nanogpt.data.tokenizers import (
     PATTERNS,
     TOKENIZERS,
@@ -57,6 +57,7 @@ from nanogpt.data.tokenizers import (
 )
 from nanogpt.errors import NanoGPTError
 from nanogpt.files import write_text_atomic
+from nanogpt.processes import exits_on_sigterm
 
 FORMAT = 1  # meta.json's layout version; a prepared folder of another version is prepared again
 _PIECE = 1 << 20  # characters (or bytes) per piece a worker encodes: bounds memory, paces the progress bar
@@ -426,6 +427,8 @@ def prepare_dataset(
     val_fraction = spec.val_fraction if val_fraction is None else float(val_fraction)
     _check_val_fraction(val_fraction, spec.splits)
     out = (Path(data_dir) / name).resolve()  # a symlinked dataset folder is replaced where it really is
+    for path in remove_leftovers(out):
+        print(f"removed {path.name}, left in {out.parent} by a prepare that was killed")
     if spec.hub is not None:
         return _prepare_documents(name, spec, source, tokenizer, val_fraction, out, num_proc)
     files = source_files(source) if source is not None else [fetch(spec.raw)]
@@ -484,6 +487,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+@exits_on_sigterm
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     prepare_dataset(

@@ -1,7 +1,8 @@
 """Write a dataset folder whole or not at all: into a temporary folder beside it, swapped in once complete.
 
 A failed, interrupted (Ctrl-C, kill) or full-disk prepare leaves the old dataset exactly as it was, and
-file-system faults become one line that says where ("no space left on device while writing PATH").
+file-system faults become one line that says where ("no space left on device while writing PATH"). The
+temporary folder (.NAME.new-PID-XXXX) of a prepare killed with -9 is removed by the next prepare of NAME.
 """
 
 from __future__ import annotations
@@ -9,14 +10,13 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 
 from nanogpt.errors import NanoGPTError
-from nanogpt.files import writing
+from nanogpt.files import remove_stale_folders, temporary_folder, writing
 
 BPE_FILE = "bpe_tokenizer.json"  # a trained BPE, beside the bins (nanogpt/data/bpe.py: its format)
 OWN_FILES = {"meta.json", BPE_FILE, "train.bin", "val.bin", "test.bin"}  # what a re-prepare replaces
@@ -37,6 +37,11 @@ def replace_folder(new: Path, out: Path) -> None:
     shutil.rmtree(old)
 
 
+def remove_leftovers(out: Path) -> list[Path]:
+    """Delete the temporary folders that killed prepares of `out` left beside it (their pid is gone)."""
+    return [path for kind in ("new", "old") for path in remove_stale_folders(out, kind)]
+
+
 @contextlib.contextmanager
 def staged(out: Path) -> Iterator[Path]:
     """A temporary folder beside `out` to write the new dataset into; on success it replaces `out`, on
@@ -46,7 +51,7 @@ def staged(out: Path) -> Iterator[Path]:
             raise NanoGPTError(f"cannot write the dataset to {out}: {path} is a file, not a folder")
     with writing(out.parent):
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.new-", dir=out.parent))
+    tmp = temporary_folder(out, "new")
     try:
         with writing(out):
             yield tmp
