@@ -111,6 +111,7 @@ def test_models_and_playground(client, char_model):
                 "context_length": CONTEXT,
                 "parameters": model.get_num_params(non_embedding=False),
                 "tokenizer": "char",
+                "chat_template": None,  # a base model (tests/test_chat_serve.py serves a chat model)
             }
         ],
     }

@@ -19,8 +19,8 @@ from typing import Any, TextIO
 
 import torch
 
-from nanogpt.chat.template import ChatTemplate, Message, encode_prompt, stored_template
-from nanogpt.checkpoint import is_hf_source, load_for_inference, model_source, peek_checkpoint
+from nanogpt.chat.template import ChatTemplate, Message, checkpoint_template, encode_prompt
+from nanogpt.checkpoint import load_for_inference, model_source
 from nanogpt.device import DtypeName, autocast, resolve_device, resolve_dtype
 from nanogpt.errors import NanoGPTError
 from nanogpt.generate import Sampling, TextPieces, generate_stream
@@ -111,7 +111,7 @@ class ChatSession:
 def load_session(cfg: ChatConfig) -> ChatSession:
     """The model of cfg and its chat template (a base model has none: refused, saying how to get one)."""
     source = model_source(cfg.init_from, cfg.out_dir)
-    template = None if is_hf_source(source) else stored_template(peek_checkpoint(source).get("tokenizer"))
+    template = checkpoint_template(source)
     if template is None:
         raise NanoGPTError(
             f"{source} is a base model (no chat template with its tokenizer): fine-tune it on conversations "

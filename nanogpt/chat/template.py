@@ -131,3 +131,49 @@ def jinja(template: ChatTemplate) -> str:
         "{% endfor %}"
         "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
     )
+
+
+class ChatTokenizer:
+    """A chat model's tokenizer as a server decodes with it: the base tokenizer's ids and text, its
+    `template`, the chat tokens decoded as their spelling (GPT-2's tiktoken has no ids 50257/50258), and
+    `eot` the end of a turn, where a reply ends. Everything else is the base tokenizer's."""
+
+    def __init__(self, base: Any, template: ChatTemplate):
+        self.base, self.template, self.eot = base, template, template.end
+        self._spelling = {template.start: IM_START.encode(), template.end: IM_END.encode()}
+        self.vocab_size = max(base.vocab_size, template.start + 1, template.end + 1)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.base, name)
+
+    def decode_bytes(self, ids: Sequence[int]) -> bytes:
+        parts, run = [], []
+        for i in ids:
+            if i in self._spelling:
+                parts += [self.base.decode_bytes(run), self._spelling[i]]
+                run = []
+            else:
+                run.append(i)
+        return b"".join([*parts, self.base.decode_bytes(run)])
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def encode_chat(self, messages: Sequence[Message]) -> list[int]:
+        """The prompt of a reply to `messages` (encode_prompt)."""
+        return encode_prompt(self.base, self.template, messages)
+
+
+def checkpoint_template(source: Any) -> ChatTemplate | None:
+    """The template stored in `source`'s checkpoint (an out_dir or a checkpoint file); None for a base
+    model, GPT-2's weights included."""
+    from nanogpt.checkpoint import is_hf_source, peek_checkpoint
+
+    return None if is_hf_source(source) else stored_template(peek_checkpoint(source).get("tokenizer"))
+
+
+def chat_tokenizer(source: Any, tokenizer: Any) -> Any:
+    """The tokenizer to serve `source` with: a ChatTokenizer where its checkpoint stores a template, else
+    `tokenizer` itself."""
+    template = checkpoint_template(source)
+    return tokenizer if template is None else ChatTokenizer(tokenizer, template)

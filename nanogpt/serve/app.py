@@ -46,6 +46,7 @@ from nanogpt.serve.protocol import (
     options_of,
     parse,
     render_chat,
+    render_chat_ids,
     usage,
 )
 
@@ -426,6 +427,10 @@ class Api:
             "context_length": served.model.config.block_size,
             "parameters": served.model.get_num_params(non_embedding=False),
             "tokenizer": served.tokenizer.name,
+            # "chatml": chat completions use the model's template; None: a base model's plain rendering
+            "chat_template": served.tokenizer.template.to_meta()["format"]
+            if hasattr(served.tokenizer, "template")
+            else None,
         }
 
 
@@ -534,5 +539,8 @@ def add_routes(app: FastAPI, api: Api) -> None:
         body = parse(ChatRequest, await read_json(request, state.settings.max_body_bytes))
         served = api.check_model(body.model)
         check_completion_count(body, state.settings.max_n, state.settings.max_waiting)
-        prompts = [api.encode(render_chat(body.messages), "messages")]
+        if hasattr(served.tokenizer, "template"):  # a chat model: its template, its end of turn
+            prompts = [render_chat_ids(body.messages, served.tokenizer)]
+        else:
+            prompts = [api.encode(render_chat(body.messages), "messages")]
         return await api.answer(request, body, Reply("chat", served.name), prompts)

@@ -104,12 +104,14 @@ def bind_error(host: str, port: int, e: OSError) -> str:
 
 def load(cfg: ServeConfig, device: str):
     """The Served model (runs in the server's loading thread)."""
+    from nanogpt.chat.template import chat_tokenizer
     from nanogpt.checkpoint import load_for_inference, model_source
     from nanogpt.device import autocast, resolve_dtype
     from nanogpt.serve.app import Served
 
     source = model_source(cfg.init_from, cfg.out_dir)
     model, tokenizer = load_for_inference(source, device, cfg.compile)
+    tokenizer = chat_tokenizer(source, tokenizer)  # a chat model's template and end of turn
     name = cfg.model_name or (
         Path(cfg.out_dir).resolve().name if cfg.init_from == "resume" else cfg.init_from
     )

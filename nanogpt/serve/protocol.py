@@ -208,19 +208,34 @@ def check_completion_count(request: _Request, max_n: int, max_waiting: int) -> N
         raise ApiError(400, message, "prompt" if prompts > 1 else "n", "too_many_completions")
 
 
-def render_chat(messages: list[ChatMessage]) -> str:
-    """The plain template for base models: one "Role: content" line per message, then "Assistant:"."""
+def chat_texts(messages: list[ChatMessage]) -> list[tuple[str, str]]:
+    """(role, text) of each message, checked: at least one, every role known."""
     if not messages:
         raise ApiError(400, "messages must hold at least one message", "messages")
-    lines = []
     for i, m in enumerate(messages):
         if m.role not in CHAT_ROLES:
             raise ApiError(
                 400, f"role {m.role!r} is not one of {', '.join(CHAT_ROLES)}", f"messages.{i}.role"
             )
-        text = m.content if isinstance(m.content, str) else "".join(p.text for p in m.content or [])
-        lines.append(f"{CHAT_ROLES[m.role]}: {text}")
+    return [
+        (m.role, m.content if isinstance(m.content, str) else "".join(p.text for p in m.content or []))
+        for m in messages
+    ]
+
+
+def render_chat(messages: list[ChatMessage]) -> str:
+    """The plain template for base models: one "Role: content" line per message, then "Assistant:"."""
+    lines = [f"{CHAT_ROLES[role]}: {text}" for role, text in chat_texts(messages)]
     return "\n".join(lines) + "\nAssistant:"
+
+
+def render_chat_ids(messages: list[ChatMessage], tokenizer: Any) -> list[int]:
+    """A chat model's prompt in its own template (tokenizer: a nanogpt.chat.template.ChatTokenizer, whose
+    eot, the end of a turn, ends the reply); "developer" is a system message there."""
+    from nanogpt.chat.template import Message
+
+    texts = chat_texts(messages)
+    return tokenizer.encode_chat([Message("system" if r == "developer" else r, t) for r, t in texts])
 
 
 @dataclass
