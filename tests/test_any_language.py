@@ -112,6 +112,7 @@ def test_single_file_split_by_characters_in_any_script(multilingual, tmp_path, m
     assert meta["split"]["ranges"]["val"] == [len(text[:n_train].encode()), len(text.encode())]
 
 
+@pytest.mark.slow
 def test_vocabulary_over_65535_stores_uint32(tmp_path):
     """70,000 tokens: ids past 65,535 must survive the file and the loader."""
     rng = random.Random(0)

@@ -97,6 +97,7 @@ def one_process(data_dir, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_processes_equal_one(data_dir, tmp_path, one_process, parallel):
     out = tmp_path / parallel
@@ -109,6 +110,7 @@ def test_two_processes_equal_one(data_dir, tmp_path, one_process, parallel):
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
 
 
+@pytest.mark.slow
 def test_failing_rank_ends_the_job(data_dir, tmp_path):
     start = time.time()
     result = torchrun(tiny(data_dir, tmp_path / "out", max_iters=50), tmp_path, FAIL_RANK="1")

@@ -77,6 +77,7 @@ def test_gguf_reader_sees_every_tensor_and_the_vocabulary(gguf_file, gpt2_run):
     assert token(50256) == "<|endoftext|>" and token(50303) == "[PAD50303]" and token(15496) == "Hello"
 
 
+@pytest.mark.slow
 def test_gguf_float16_and_bfloat16_hold_our_weights_rounded(gpt2_run, tmp_path):
     folder, model = gpt2_run
     wte = model.state_dict()["transformer.wte.weight"]

@@ -162,6 +162,7 @@ def test_sampling_draws_each_token_with_its_probability():
     assert freq[4] == 0
 
 
+@pytest.mark.slow
 def test_overfits_one_batch():
     torch.manual_seed(0)
     model = GPT(GPTConfig(**TINY)).train()

@@ -244,6 +244,7 @@ def cached_pieces(model: GPT, idx: torch.Tensor, targets: bool = True) -> torch.
     )
 
 
+@pytest.mark.slow
 def test_kv_cache_equals_recompute_for_every_combination():
     """All 192 combinations of the options: the cached forward (prompt, one token, three at once) equals
     the full one, and greedy generation 6 tokens past block_size (16) with the cache gives the recomputing
@@ -372,6 +373,7 @@ def test_rope_model_crops_and_counts_without_position_embeddings():
     torch.testing.assert_close(model(idx, idx)[0], before)
 
 
+@pytest.mark.slow
 def test_every_option_trains():
     """The modern model with all options on learns one batch (a wiring error shows up here)."""
     torch.manual_seed(0)

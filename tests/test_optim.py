@@ -137,6 +137,7 @@ def test_a_muon_run_schedules_both_learning_rates(data_dir, tmp_path):
     assert all(g["lr"] == pytest.approx(lr) for g in groups if "ns_steps" not in g)
 
 
+@pytest.mark.slow
 def test_two_processes_with_muon_equal_one(data_dir, tmp_path):
     """DDP all-reduces the gradients in backward, before Muon orthogonalises them: the losses of two
     processes are one process's (to rounding: Newton-Schulz runs in bfloat16)."""
@@ -152,6 +153,7 @@ def test_two_processes_with_muon_equal_one(data_dir, tmp_path):
     assert losses(two) == pytest.approx(losses(one), abs=1e-4)
 
 
+@pytest.mark.slow
 def test_fsdp_with_muon_is_refused(data_dir, tmp_path):
     from test_distributed import tiny, torchrun
 

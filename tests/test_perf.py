@@ -40,6 +40,7 @@ print(statistics.median(faults_of_one_block() for _ in range(9)))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc tuning is Linux-only")
 def test_kept_freed_memory_is_reused_without_page_faults():
     """By default glibc hands a large freed block back to the OS, and the next one is faulted in page

@@ -129,6 +129,7 @@ def test_a_second_trainer_on_the_same_out_dir_is_refused(run_copy, data_dir, cap
     assert tree_hash(run_copy) == before
 
 
+@pytest.mark.slow
 def test_a_lock_left_by_a_killed_process_does_not_block(tmp_path):
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from nanogpt.files import folder_lock\n"

@@ -61,6 +61,7 @@ def test_unknown_schedule():
         get_lr(50, **ARGS, schedule="linear")
 
 
+@pytest.mark.slow
 def test_a_time_budget_stops_the_run_with_a_final_evaluation(data_dir, tmp_path):
     """max_seconds: the run stops long before max_iters, ends with an evaluation and a checkpoint of its
     last iteration, every eval record has the wall time it began at, and the schedule (by time spent) has

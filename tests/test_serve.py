@@ -302,6 +302,7 @@ def trained_model(tokenizer, text: str, steps: int = 120) -> GPT:
     return model.eval()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tokenizer", ["char", "byte"])
 def test_streamed_text_never_splits_a_character(tokenizer):
     """Non-ASCII prompts and text: with characters as tokens, and with bytes as tokens (3-4 per

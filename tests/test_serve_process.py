@@ -128,6 +128,7 @@ def expected_text(model_dir: Path, prompt: str, max_tokens: int, seed: int, temp
     return "".join(decode_stream(tok, (int(t) for t in steps)))
 
 
+@pytest.mark.slow
 def test_openai_client(server, model_dir):
     openai = pytest.importorskip("openai", reason="the dev extra (openai) is not installed")
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
@@ -161,6 +162,7 @@ def chromium_paths() -> tuple[str, str]:
     return browser, driver
 
 
+@pytest.mark.slow
 def test_playground_in_a_real_browser(server, model_dir, tmp_path):
     """Headless Chromium opens the page, types a prompt, presses Generate and sees streamed text."""
     pytest.importorskip("selenium", reason="the dev extra (selenium) is not installed")
@@ -229,6 +231,7 @@ def soak_request(client: httpx.Client, i: int) -> tuple[str, str | None]:
     )
 
 
+@pytest.mark.slow
 def test_soak_many_clients(server, model_dir):
     """200 requests from 16 clients: every valid one gets its text exactly, the server's memory
     settles and it is healthy and idle at the end."""
@@ -254,6 +257,7 @@ def test_soak_many_clients(server, model_dir):
     assert health.status_code == 200 and health.json()["running"] == health.json()["waiting"] == 0
 
 
+@pytest.mark.slow
 def test_sigterm_mid_stream_exits_0(tmp_path):
     """SIGTERM while a long completion streams: the server stops within seconds, exit status 0."""
     model_dir = save_tiny_model(tmp_path / "model", block_size=1024, n_layer=1, n_embd=16)
@@ -278,6 +282,7 @@ def test_sigterm_mid_stream_exits_0(tmp_path):
         server.proc.kill()
 
 
+@pytest.mark.slow
 def test_a_model_that_fails_to_load_is_one_error_line(tmp_path):
     (tmp_path / "empty").mkdir()
     server = ServerProcess(tmp_path / "empty", tmp_path / "server.log")

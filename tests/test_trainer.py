@@ -56,6 +56,7 @@ def loss_by_iter(out_dir: Path) -> dict[int, float]:
     return {r["iter"]: r["loss"] for r in read_metrics(out_dir) if "loss" in r}
 
 
+@pytest.mark.slow
 def test_training_learns_and_records_everything(data_dir, tmp_path):
     handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     out = tmp_path / "run"
@@ -106,6 +107,7 @@ def test_exact_resume(data_dir, tmp_path, recipe):
         assert torch.equal(value, b["model"][key]), key
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_resumes_exactly(data_dir, tmp_path):
     """SIGTERM mid-run: the step finishes, a checkpoint is saved, exit 143 (128 + SIGTERM, so `train && next`
     stops) with a resume hint; resuming gives the same losses as a run never stopped."""
@@ -169,6 +171,7 @@ def test_a_new_ckpt_supersedes_a_stopped_runs_resume_state(tmp_path):
     assert not (tmp_path / "resume.pt").exists() and resume_path(tmp_path) == tmp_path / "ckpt.pt"
 
 
+@pytest.mark.slow
 def test_kill_9_during_saves_leaves_a_good_checkpoint_and_resumes(data_dir, tmp_path):
     """A checkpoint at every iteration, killed (-9) at random moments three times, each time resumed: the
     last checkpoint on disk always loads, training goes on from it, and the full-size temporary file a
