@@ -150,7 +150,13 @@ def model_from_checkpoint(ckpt: dict[str, Any], **overrides: Any) -> GPT:
     if ckpt.get("lora"):
         from nanogpt.lora import adapt_base
 
-        base = base_model(ckpt["lora"]["base"], ckpt["model_args"]["block_size"], **overrides)
+        source = ckpt["lora"]["base"]
+        if not is_hf_source(source) and not checkpoint_path(source).is_file():
+            raise NanoGPTError(
+                f"this LoRA run's base model {source!r} is gone (its adapters need the base they were trained "
+                "on): put that checkpoint back there (its weights are checked by hash), or train the adapters again"
+            )
+        base = base_model(source, ckpt["model_args"]["block_size"], **overrides)
         return adapt_base(base, ckpt["lora"], ckpt["model"])
     try:
         model = GPT(GPTConfig(**{**ckpt["model_args"], **overrides}))

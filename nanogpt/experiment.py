@@ -245,6 +245,15 @@ def plot_val_loss(curves: dict[str, dict[str, list[dict]]], path: Path) -> None:
     plt.close(fig)
 
 
+def check_folder_name(name: str, what: str) -> None:
+    """A name the experiment makes a folder of (a variant, a dataset) stays inside --out: one plain part."""
+    if name in ("", ".", "..") or Path(name).name != name or "\\" in name or "\0" in name:
+        raise NanoGPTError(
+            f"{what} {name!r} cannot be a folder name inside --out: use letters, digits, '-', '_' or '.', "
+            "without '/' and not '..'"
+        )
+
+
 def read_variants(path: str, only: str) -> dict[str, dict[str, Any]]:
     """The variants of a TOML file, {name: training overrides} in the file's order (those `only` names, if
     it names any). A variant's key `config` names the preset it starts from."""
@@ -258,6 +267,7 @@ def read_variants(path: str, only: str) -> dict[str, dict[str, Any]]:
             f"--only names {', '.join(unknown)}, not variants of {path} ({', '.join(variants)})"
         )
     for name in names:
+        check_folder_name(name, f"variant of {path}")
         for key in ("dataset", "out_dir"):
             if key in variants[name]:
                 raise NanoGPTError(f"variant {name!r} of {path} sets {key}: the experiment sets each run's")
@@ -278,6 +288,8 @@ def run_groups(opts: ExperimentOptions, overrides: dict[str, Any]) -> list[RunGr
     """Every variant x dataset of the experiment, each with its training config."""
     variants = read_variants(opts.variants, opts.only) if opts.variants else {"": {}}
     datasets, out = opts.dataset_names(), Path(opts.out)
+    for dataset in datasets:
+        check_folder_name(dataset, "dataset")
     groups = []
     for name, changes in variants.items():
         changes = dict(changes)

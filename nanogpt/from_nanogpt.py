@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ast
 import io
+import math
 import operator
 import pickle
 import time
@@ -123,6 +124,12 @@ _BINARY = {
 _UNARY = {ast.USub: operator.neg, ast.UAdd: operator.pos, ast.Not: operator.not_}
 _CALLS = {"str": str, "int": int, "float": float}  # pure conversions nanoGPT's files use
 _PLAIN = (bool, int, float, str, type(None))
+# bounds on what a config file's arithmetic may build (a value there is a number or a short text): each
+# operation is refused before it runs if its result would be larger, so `9 ** 9 ** 9` or `'a' * 10**10`
+# cannot take the memory or the CPU
+MAX_INT_BITS = 4096
+MAX_TEXT = 100_000
+MAX_FILE_BYTES = 1_000_000
 
 
 class _Evaluator:
@@ -162,10 +169,48 @@ class _Evaluator:
         raise self.fail(node, f"cannot call {func}()")
 
     def _apply(self, node: ast.AST, op: Any, *args: Any) -> Any:
+        if op is operator.mod and isinstance(args[0], str):  # printf formatting: its widths build any size
+            raise self.fail(node, f"{_short(node)!r} formats text with %, which is not read")
+        if _too_large(op, args):
+            raise self.fail(node, f"{_short(node)!r} is too large to evaluate")
         try:
-            return op(*args)
+            value = op(*args)
         except Exception as e:  # TypeError, ZeroDivisionError, OverflowError, ValueError
-            raise self.fail(node, f"{ast.unparse(node)!r} fails ({e})") from None
+            raise self.fail(node, f"{_short(node)!r} fails ({e})") from None
+        if _size(value) > (
+            MAX_TEXT if isinstance(value, str) else MAX_INT_BITS
+        ):  # a sum: twice its operands at most
+            raise self.fail(node, f"{_short(node)!r} is too large to evaluate")
+        return value
+
+
+def _size(value: Any) -> int:
+    """A value's size as the bounds count it: bits of an int, characters of a text, 0 otherwise."""
+    if isinstance(value, int):
+        return abs(value).bit_length()
+    return len(value) if isinstance(value, str) else 0
+
+
+def _too_large(op: Any, args: tuple[Any, ...]) -> bool:
+    """Whether op(*args) would build an int over MAX_INT_BITS or a text over MAX_TEXT characters,
+    estimated from its operands without computing it."""
+    if len(args) != 2:
+        return False
+    a, b = args
+    if op is operator.pow and isinstance(a, int) and isinstance(b, int) and abs(a) > 1 and b > 0:
+        return b * math.log2(abs(a)) > MAX_INT_BITS
+    if op is operator.mul and isinstance(a, int) and isinstance(b, int):
+        return _size(a) + _size(b) > MAX_INT_BITS
+    if op is operator.mul and {type(a), type(b)} & {str} and all(isinstance(x, (str, int)) for x in args):
+        text, count = (a, b) if isinstance(a, str) else (b, a)
+        return isinstance(count, int) and len(text) * max(count, 0) > MAX_TEXT
+    return False
+
+
+def _short(node: ast.AST) -> str:
+    """An expression's source, cut to a readable length for a message."""
+    text = ast.unparse(node)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def read_nanogpt_config(path: str | Path) -> dict[str, Any]:
@@ -173,11 +218,24 @@ def read_nanogpt_config(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise NanoGPTError(f"config file {str(path)!r} not found")
+    if path.stat().st_size > MAX_FILE_BYTES:
+        raise NanoGPTError(f"{path} is over {MAX_FILE_BYTES:,} bytes: not a nanoGPT config file")
     try:
         tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    except UnicodeDecodeError as e:
+        raise NanoGPTError(f"{path} is not UTF-8 text (byte {e.start}): save it as UTF-8") from None
     except SyntaxError as e:
         raise NanoGPTError(f"{path} line {e.lineno}: not valid Python ({e.msg})") from None
-    ev = _Evaluator(str(path))
+    except (ValueError, RecursionError, MemoryError) as e:  # null bytes; nesting too deep for the parser
+        raise NanoGPTError(f"{path}: not a readable Python file ({type(e).__name__}: {e})") from None
+    try:
+        return _assignments(tree, _Evaluator(str(path)))
+    except RecursionError:
+        raise NanoGPTError(f"{path}: an expression is nested too deeply to evaluate") from None
+
+
+def _assignments(tree: ast.Module, ev: _Evaluator) -> dict[str, Any]:
+    """The values a parsed config file assigns, in order (a name may use names assigned above)."""
     for node in tree.body:
         if isinstance(node, ast.Import) and all(a.name == "time" and a.asname is None for a in node.names):
             ev.modules.add("time")

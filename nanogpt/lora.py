@@ -36,6 +36,8 @@ class LoRAConfig:
     def __post_init__(self):
         if self.rank < 1:
             raise NanoGPTError(f"lora_rank must be >= 1, got {self.rank}")
+        if not self.alpha > 0:  # nan too
+            raise NanoGPTError(f"lora_alpha must be positive (it scales the update), got {self.alpha}")
         if not 0.0 <= self.dropout < 1.0:
             raise NanoGPTError(f"lora_dropout must be in [0, 1), got {self.dropout}")
         unknown = set(self.targets) - set(TARGETS)
@@ -56,6 +58,11 @@ class LoRALinear(nn.Module):
         if self.bias is not None:
             self.bias.requires_grad_(False)
         out_features, in_features = self.weight.shape
+        if cfg.rank > min(out_features, in_features):  # B A could not have that rank
+            raise NanoGPTError(
+                f"lora_rank={cfg.rank} exceeds the adapted Linears' width ({min(out_features, in_features)}, "
+                "the model's n_embd): give a smaller --lora_rank"
+            )
         factory = dict(device=self.weight.device, dtype=self.weight.dtype)
         self.lora_A = nn.Parameter(torch.empty(cfg.rank, in_features, **factory))  # (r, in)
         self.lora_B = nn.Parameter(torch.zeros(out_features, cfg.rank, **factory))  # (out, r): starts at 0

@@ -11,6 +11,8 @@ from __future__ import annotations
 import ast
 import dataclasses
 import difflib
+import functools
+import math
 import types
 import typing
 from collections.abc import Iterable
@@ -27,9 +29,34 @@ except ModuleNotFoundError:  # Python 3.10
 C = TypeVar("C")
 
 
+@functools.cache
 def _field_types(cls: type) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _non_finite(tp: Any, value: Any) -> bool:
+    """Whether a number field (float, float | None) is given nan or an infinity, as a float or as text
+    ("nan", "inf", "1e400": Python reads that last one as inf)."""
+    if tp is not float and float not in typing.get_args(tp):
+        return False
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return False
+    return isinstance(value, float) and not math.isfinite(value)
+
+
+def _finite_error(key: str, where: str, value: Any) -> NanoGPTError:
+    return NanoGPTError(f"config key {key!r} ({where}) must be a finite number, got {float(value)}")
+
+
+def check_finite(cfg: Any, where: str) -> None:
+    """Refuse nan and infinities in dataclass cfg's number fields (the message set_fields gives)."""
+    for key, tp in _field_types(type(cfg)).items():
+        if _non_finite(tp, getattr(cfg, key)):
+            raise _finite_error(key, where, getattr(cfg, key))
 
 
 def _accepts(tp: Any, value: Any) -> Any:
@@ -136,6 +163,8 @@ def set_fields(cfg: C, values: dict[str, Any], where: str) -> C:
             raise NanoGPTError(f"unknown config key {key!r} ({where}).{did_you_mean(key, types_)}")
         if isinstance(value, CommandLineText):
             value = _from_text(types_[key], value)
+        if _non_finite(types_[key], value):
+            raise _finite_error(key, where, value)
         try:
             changes[key] = _accepts(types_[key], value)
         except TypeError:

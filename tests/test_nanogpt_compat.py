@@ -254,3 +254,45 @@ def test_config_arithmetic_and_unknown_keys(tmp_path):
     path.write_text("batch_size = 4\nmy_knob = 3\n")
     with pytest.raises(NanoGPTError, match="unknown config key 'my_knob'"):
         load_train_config([f"--config={path}"])
+
+
+def test_a_bare_resume_of_a_nanogpt_run_trains_on_its_own_dataset(data_dir, tmp_path, monkeypatch, capsys):
+    """Its config["dataset"] (shakespeare_char) is used, not TrainConfig's default (openwebtext, which
+    would start a download); data_dir is ours (nanoGPT's train.py reads data/<dataset>)."""
+    from nanogpt.cli import main as cli
+
+    out_dir = write_nanogpt_run(tmp_path / "nanoGPT")
+    monkeypatch.chdir(tmp_path)
+    argv = ["train", "--init_from=resume", f"--out_dir={out_dir}", f"--data_dir={data_dir}", "--max_iters=251",
+            "--batch_size=2", "--gradient_accumulation_steps=1", "--eval_iters=1", "--device=cpu"]  # fmt: skip
+    assert cli(argv) == 0, capsys.readouterr().err
+    ckpt = load_checkpoint(out_dir)
+    assert ckpt["iter_num"] == 251 and ckpt["config"]["dataset"] == "shakespeare_char"
+
+
+@pytest.mark.parametrize(
+    "text, line",
+    [
+        ("x = 'a' * 10**10\n", 1),  # 10 GB of text
+        ("batch_size = 4\nmax_iters = 9 ** 9 ** 9\n", 2),  # hours of CPU
+        ("max_iters = 2 ** 100000000\n", 1),  # 100 million bits, then too long to print
+        ("s = 'a' * 60000\nt = s + s\n", 2),  # the sum of two texts within the bound, over it
+        ("x = 10 ** 1000\ny = x * x * x * x * x\n", 2),
+        ("name = '%0999999999d' % 1\n", 1),  # printf widths
+    ],
+)
+def test_config_arithmetic_is_bounded(tmp_path, text, line):
+    path = tmp_path / "big.py"
+    path.write_text(text)
+    with pytest.raises(NanoGPTError, match=rf"^{path} line {line}: .*(too large to evaluate|formats text)"):
+        read_nanogpt_config(path)
+
+
+def test_a_config_file_that_is_not_utf8_is_one_line(tmp_path):
+    path = tmp_path / "notutf8.py"
+    path.write_bytes(b"\xff\xfe max_iters = 3\n")
+    with pytest.raises(NanoGPTError, match=rf"^{path} is not UTF-8 text .*save it as UTF-8$"):
+        read_nanogpt_config(path)
+    path.write_text("x = 1" + " + 1" * 100_000 + "\n")  # nested too deeply for the parser or the evaluator
+    with pytest.raises(NanoGPTError, match=rf"^{path}: "):
+        read_nanogpt_config(path)

@@ -25,7 +25,7 @@ from nanogpt.model import GPTConfig
 from nanogpt.options import parse_overrides, set_fields
 from nanogpt.sample import SampleConfig
 from nanogpt.train.metrics import read_metrics
-from nanogpt.train.model_init import check_fits
+from nanogpt.train.model_init import INVOCATION_KEYS, check_fits
 from nanogpt.train.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -98,18 +98,31 @@ def test_resume_with_another_shape_is_refused_and_names_the_keys(run_copy, data_
     )
     assert (
         code == 1
-        and "another model shape" in err
+        and f"cannot resume {run_copy}" in err
         and "n_layer=6 (checkpoint: 2)" in err
         and "n_embd=64" in err
     )
     assert tree_hash(run_copy) == before
 
 
-def test_resume_with_nothing_left_to_train_says_so_and_changes_nothing(run_copy, data_dir, capsys):
+def test_resuming_a_complete_run_says_so_exits_0_and_changes_nothing(run_copy, data_dir, capsys):
+    """A requeue loop (`until nanogpt train ... --init_from=resume; do ...; done`) tells done from failed."""
     before = tree_hash(run_copy)
-    code, err = run_cli(train_args(data_dir, run_copy, init_from="resume", max_iters=4), capsys)
-    assert code == 1 and "already at iteration 4" in err and "nothing to train" in err
+    capsys.readouterr()
+    assert cli(train_args(data_dir, run_copy, init_from="resume", max_iters=4)) == 0
+    out = capsys.readouterr().out
+    assert f"{run_copy} is complete: at iteration 4 = max_iters" in out and "nothing changed" in out
     assert tree_hash(run_copy) == before  # metrics.jsonl keeps its last eval record
+    # without --max_iters the checkpoint's own (4) applies: complete too
+    assert cli(["train", "--init_from=resume", f"--out_dir={run_copy}", "--device=cpu"]) == 0
+    assert tree_hash(run_copy) == before
+
+
+def test_resume_with_max_iters_below_the_checkpoint_is_refused(run_copy, data_dir, capsys):
+    before = tree_hash(run_copy)
+    code, err = run_cli(train_args(data_dir, run_copy, init_from="resume", max_iters=3), capsys)
+    assert code == 1 and "max_iters=3 is below iteration 4" in err and "--max_iters=4 or more" in err
+    assert tree_hash(run_copy) == before
 
 
 def test_training_time_of_a_stopped_and_continued_run_is_the_whole(data_dir, tmp_path):
@@ -155,7 +168,7 @@ def test_a_lock_left_by_a_killed_process_does_not_block(tmp_path):
 )
 def test_a_run_that_fails_validation_leaves_out_dir_untouched(run_copy, data_dir, capsys, overrides, message):
     before = tree_hash(run_copy)
-    code, err = run_cli(train_args(data_dir, run_copy, **overrides), capsys)
+    code, err = run_cli(train_args(data_dir, run_copy, overwrite=True, **overrides), capsys)
     assert code == 1 and message in err and len(err.strip().splitlines()) == 1
     assert tree_hash(run_copy) == before
 
@@ -343,9 +356,13 @@ def test_typed_options_still_read_literals():
     assert (cfg.top_k, cfg.temperature, cfg.stop_at_eot, cfg.num_samples) == (None, 0.5, False, 10)
 
 
-def test_ctrl_c_during_imports_exits_130_without_a_traceback(tmp_path):
+@pytest.mark.slow
+def test_ctrl_c_during_imports_exits_130_without_a_traceback(data_dir, tmp_path):
+    """A run that cannot end by itself: whether Ctrl-C lands in the imports (0.3 s: torch is loading on
+    most machines) or in training on a fast one, the exit is 130 without a traceback."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "nanogpt", "train", "--max_iters=1"], cwd=tmp_path, env=env,
+    argv = ["train", "shakespeare_char_cpu", f"--data_dir={data_dir}", "--max_iters=1000000", "--device=cpu"]
+    proc = subprocess.Popen([sys.executable, "-m", "nanogpt", *argv], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     time.sleep(0.3)  # python is up; torch is being imported
     proc.send_signal(signal.SIGINT)
@@ -403,3 +420,79 @@ def test_resume_without_shape_options_takes_the_checkpoints_and_records_it(run_c
 def test_prepare_option_errors_are_one_line(capsys):
     code, err = run_cli(["prepare", "shakespeare_char", "--tokenizer=nope"], capsys)
     assert code == 1 and "invalid choice: 'nope'" in err and len(err.strip().splitlines()) == 1
+
+
+# --- a flag is used or refused; a run is continued, never replaced by surprise ----------------------------
+
+
+def test_a_new_run_into_an_out_dir_with_a_checkpoint_is_refused_unless_overwrite(run_copy, data_dir, capsys):
+    before = tree_hash(run_copy)
+    code, err = run_cli(train_args(data_dir, run_copy, max_iters=2), capsys)
+    assert code == 1 and "--init_from=resume" in err and "--overwrite=true" in err
+    assert tree_hash(run_copy) == before
+    assert run_cli(train_args(data_dir, run_copy, max_iters=2, overwrite=True), capsys)[0] == 0
+    assert load_checkpoint(run_copy)["iter_num"] == 2  # the 4-iteration run is replaced, as asked
+
+
+def test_train_names_what_it_trains_no_surprise_download(tmp_path, capsys, monkeypatch):
+    """Without a preset or --dataset, TrainConfig's defaults would prepare OpenWebText: refused instead."""
+    monkeypatch.chdir(tmp_path)
+    code, err = run_cli(["train", "--max_iters=1"], capsys)
+    assert code == 1 and "shakespeare_char_cpu" in err and "--dataset=NAME" in err and "gpt2_124m" in err
+    assert list(tmp_path.iterdir()) == []  # nothing prepared, nothing written
+
+
+def test_a_bare_resume_continues_the_run_as_it_was_configured(run_copy, tmp_path, capsys, monkeypatch):
+    """`--init_from=resume --out_dir=X` alone: dataset, data_dir, batch and schedule are the checkpoint's
+    (TrainConfig's defaults would start preparing OpenWebText in ./data)."""
+    monkeypatch.chdir(tmp_path)
+    saved = load_checkpoint(run_copy)["config"]
+    argv = ["train", "--init_from=resume", f"--out_dir={run_copy}", "--max_iters=6", "--progress=plain"]
+    assert run_cli(argv, capsys)[0] == 0
+    written = json.loads((run_copy / "config.json").read_text())
+    same = lambda config: {k: v for k, v in config.items() if k not in (*INVOCATION_KEYS, "max_iters")}
+    assert same(written) == same(saved) and written["dataset"] == "shakespeare_char"
+    assert load_checkpoint(run_copy)["iter_num"] == 6 and not (tmp_path / "data").exists()
+
+
+def test_optimizer_options_given_on_resume_are_used(run_copy, data_dir, capsys):
+    """The restored optimizer state keeps its moments but takes the command's hyperparameters (torch's
+    load_state_dict brings the checkpoint's weight decay and betas with it)."""
+    argv = train_args(data_dir, run_copy, init_from="resume", max_iters=6, weight_decay=0.3, beta2=0.9)
+    assert run_cli(argv, capsys)[0] == 0
+    groups = load_checkpoint(run_copy)["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.3, 0.0] and all(g["betas"][1] == 0.9 for g in groups)
+
+
+def test_a_complete_run_always_leaves_a_checkpoint(data_dir, tmp_path, monkeypatch, capsys):
+    """always_save_checkpoint=false and no evaluation improves on the first (or no step fits the time
+    budget): the final model is saved, and the log says why."""
+    losses = iter(range(10, 20))  # every evaluation worse than the one before
+    monkeypatch.setattr(
+        "nanogpt.train.trainer.estimate_loss", lambda *a: dict.fromkeys(("train", "val"), next(losses))
+    )
+    train(tiny_train_config(data_dir, tmp_path / "worse", **QUICK, always_save_checkpoint=False))
+    assert "no evaluation after iteration 0 improved" in capsys.readouterr().out
+    assert load_checkpoint(tmp_path / "worse")["iter_num"] == 4
+    losses = iter(range(10, 20))
+    train(
+        tiny_train_config(
+            data_dir, tmp_path / "no_time", **QUICK, always_save_checkpoint=False, max_seconds=1e-9
+        )
+    )
+    assert load_checkpoint(tmp_path / "no_time")["iter_num"] == 0
+
+
+def test_a_network_failure_is_one_line(monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    from nanogpt.data.hf_corpus import load_documents
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'Skylion007/openwebtext' on the Hub (OfflineModeIsEnabled)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(
+        NanoGPTError, match=r"cannot download Skylion007/openwebtext .*OfflineModeIsEnabled"
+    ) as e:
+        load_documents(None, ("Skylion007/openwebtext", None))
+    assert len(str(e.value).splitlines()) == 1

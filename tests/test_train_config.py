@@ -112,6 +112,44 @@ def test_config_errors_name_the_problem(argv, words):
         assert word in str(e.value)
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--optimizer=muon", "--muon_momentum=-1"], "muon_momentum must be in [0, 1), got -1.0"),
+        (["--muon_momentum=1.5"], "muon_momentum must be in [0, 1), got 1.5"),
+        (["--min_lr=1"], "min_lr (1.0) must not exceed learning_rate (0.0006)"),
+        (["--lora_alpha=0"], "lora_alpha must be positive"),
+        (["--lora_alpha=-4"], "lora_alpha must be positive"),
+        (["--lora_rank=-1"], "lora_rank must not be negative"),
+    ],
+)
+def test_ranges_are_checked(argv, message):
+    with pytest.raises(NanoGPTError) as e:
+        load_train_config(argv)
+    assert message in str(e.value)
+
+
+@pytest.mark.parametrize("text", ["nan", "inf", "-inf", "1e400", "NaN"])
+def test_nan_and_infinities_are_refused_alike(text, tmp_path):
+    """On the command line, in a TOML file and in code: one message (1e400 reads as inf; JSON has no inf
+    for config.json to hold)."""
+    message = r"config key 'max_seconds' \(.*\) must be a finite number, got -?(nan|inf)"
+    with pytest.raises(NanoGPTError, match=message):
+        load_train_config([f"--max_seconds={text}"])
+    toml = tmp_path / "x.toml"
+    toml.write_text(f"max_seconds = {text.lower() if text != '1e400' else text}\n")
+    with pytest.raises(NanoGPTError, match=message):
+        load_train_config([str(toml)])
+    with pytest.raises(NanoGPTError, match=message):
+        TrainConfig(max_seconds=float(text))
+    with pytest.raises(NanoGPTError, match=message.replace("max_seconds", "lora_alpha")):
+        load_train_config([f"--lora_alpha={text}"])
+
+
+def test_min_lr_above_learning_rate_is_fine_without_a_decay():
+    assert load_train_config(["--min_lr=1", "--decay_lr=False"]).min_lr == 1.0
+
+
 def test_bad_toml_names_the_key(tmp_path):
     toml = tmp_path / "bad.toml"
     toml.write_text("batch_sise = 4\n")

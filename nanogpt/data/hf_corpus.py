@@ -43,7 +43,14 @@ def load_documents(files: list[Path] | None, hub: tuple[str, str | None]):
     datasets = _datasets()
     if files is None:
         path, name = hub
-        ds = datasets.load_dataset(path, name, split="train")
+        try:
+            ds = datasets.load_dataset(path, name, split="train")
+        except OSError as e:  # ConnectionError (offline, no network, timeouts), a hub file not found
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise NanoGPTError(
+                f"cannot download {path} from the Hugging Face hub ({reason}): check the network, "
+                "or prepare it on a machine that can and copy its data folder here"
+            ) from None
         return ds, hashlib.sha256(f"{path}:{name}:{ds._fingerprint}".encode()).hexdigest()
     builders = {_BUILDERS.get(p.suffix.lower(), "text") for p in files}
     if len(builders) > 1:

@@ -15,7 +15,7 @@ from typing import Any, Literal
 from nanogpt.device import DtypeName
 from nanogpt.errors import NanoGPTError
 from nanogpt.hf import PRETRAINED
-from nanogpt.options import did_you_mean, help_text, parse_overrides, read_toml, set_fields
+from nanogpt.options import check_finite, did_you_mean, help_text, parse_overrides, read_toml, set_fields
 
 
 @dataclass
@@ -28,6 +28,8 @@ class TrainConfig:
     eval_only: bool = False  # evaluate once at the start and exit (e.g. GPT-2 on OpenWebText)
     always_save_checkpoint: bool = True  # save at every eval, not only when the val loss improves
     init_from: str = "scratch"  # scratch | resume (from out_dir) | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a local HF GPT-2 folder | a checkpoint or out_dir (ours or nanoGPT's)
+    # a new run (init_from not resume) into an out_dir that holds a checkpoint is refused unless this is set
+    overwrite: bool = False
     # logging
     wandb_log: bool = False  # log to Weights & Biases (WANDB_MODE=offline works without an account)
     wandb_project: str = "owt"
@@ -106,6 +108,7 @@ class TrainConfig:
     lora_targets: str = "c_attn,c_proj,c_fc"  # comma-separated Linear names inside the blocks
 
     def __post_init__(self):
+        check_finite(self, "TrainConfig")
         for name in ("eval_interval", "log_interval", "eval_iters", "gradient_accumulation_steps"):
             _require(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
         for name in ("batch_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -120,6 +123,15 @@ class TrainConfig:
         _require(0 < self.decay_fraction <= 1, f"decay_fraction must be in (0, 1], got {self.decay_fraction}")
         _require(
             self.max_seconds >= 0, f"max_seconds must not be negative (0: no budget), got {self.max_seconds}"
+        )
+        _require(0 <= self.muon_momentum < 1, f"muon_momentum must be in [0, 1), got {self.muon_momentum}")
+        _require(
+            not self.decay_lr or self.min_lr <= self.learning_rate,
+            f"min_lr ({self.min_lr}) must not exceed learning_rate ({self.learning_rate}): the decay ends at min_lr",
+        )
+        _require(self.lora_rank >= 0, f"lora_rank must not be negative (0: no LoRA), got {self.lora_rank}")
+        _require(
+            self.lora_alpha > 0, f"lora_alpha must be positive (it scales the update), got {self.lora_alpha}"
         )
         _require(
             not self.decay_lr or self.warmup_iters <= self.lr_decay_iters,
@@ -185,6 +197,15 @@ def load_train_config(argv: list[str]) -> TrainConfig:
     if positionals:
         cfg = set_fields(cfg, read_preset(positionals[0]), where=f"config {positionals[0]}")
     return set_fields(cfg, overrides, where="command line")
+
+
+def given_keys(argv: list[str]) -> set[str]:
+    """The keys `nanogpt train argv` names: its preset's or file's and its overrides' (a resumed run takes
+    every other key from its checkpoint)."""
+    positionals, overrides = parse_overrides(argv)
+    if "config" in overrides:
+        positionals.append(str(overrides.pop("config")))
+    return set(overrides) | {key for name in positionals[:1] for key in read_preset(name)}
 
 
 def train_help() -> str:

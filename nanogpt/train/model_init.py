@@ -17,6 +17,7 @@ from nanogpt.checkpoint import (
 from nanogpt.errors import NanoGPTError
 from nanogpt.lora import LoRAConfig, apply_lora, lora_entry, weights_sha256
 from nanogpt.model import ARCHITECTURE, GPT, GPTConfig, padded_vocab_size
+from nanogpt.options import set_fields
 from nanogpt.train.config import TrainConfig
 
 GPT2_VOCAB_SIZE = 50257  # BPE tokens of OpenAI's GPT-2
@@ -113,23 +114,57 @@ def check_same_tokenizer(meta: dict, model_tokenizer: dict | None, model_name: s
         )
 
 
-def resumed_config(cfg: TrainConfig, ckpt: dict[str, Any]) -> TrainConfig:
-    """cfg with the checkpoint's model shape, the one a resumed run continues (so that config.json and the
-    next checkpoints say what is trained). A shape asked for (on the command line or in a preset: a value
-    other than TrainConfig's default) that differs from it is refused, naming the keys."""
-    ckpt_args, default = ckpt["model_args"], TrainConfig()
-    shape = {k: ckpt_args[k] for k in SHAPE_KEYS if k in ckpt_args}
+# what describes this invocation (where it runs, how it reports), not the run: a resumed run takes every
+# other key it is not given from its checkpoint's saved config
+INVOCATION_KEYS = tuple(
+    "out_dir init_from overwrite eval_only device dtype compile backend parallel progress wandb_log "
+    "wandb_project wandb_run_name tensorboard_log activation_checkpointing".split()
+)
+LORA_KEYS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
+
+
+def given_values(cfg: TrainConfig) -> set[str]:
+    """The keys of a config built in code that differ from TrainConfig's defaults: what it asks for."""
+    default = TrainConfig()
+    return {f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(default, f.name)}
+
+
+def checkpoint_decides(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """The keys whose values are in a checkpoint's tensors, so a resumed run cannot change them: the model
+    shape, the LoRA adapters (its "lora" entry: the config of older runs could disagree) and the optimizer
+    whose state it holds (nanoGPT's: AdamW)."""
+    args = ckpt["model_args"]
+    decided = {k: args[k] for k in SHAPE_KEYS if k in args}
+    lora = ckpt.get("lora")
+    if lora:
+        decided |= {"lora_rank": lora["rank"], "lora_alpha": lora["alpha"], "lora_dropout": lora["dropout"]}
+        decided["lora_targets"] = ",".join(lora["targets"])
+    else:  # no adapters: LoRA options would be ignored
+        saved, default = ckpt.get("config") or {}, TrainConfig()
+        decided |= {k: saved.get(k, getattr(default, k)) for k in LORA_KEYS} | {"lora_rank": 0}
+    return decided | {"optimizer": (ckpt.get("config") or {}).get("optimizer", "adamw")}
+
+
+def resumed_config(cfg: TrainConfig, ckpt: dict[str, Any], given: set[str]) -> TrainConfig:
+    """The config a resumed run continues with: the checkpoint's saved config, with the keys in `given`
+    (the command's) taken from cfg, and INVOCATION_KEYS always cfg's. A key the checkpoint decides
+    (checkpoint_decides) given with another value is refused, naming the keys."""
+    decided = checkpoint_decides(ckpt)
     differ = [
         f"{k}={getattr(cfg, k)!r} (checkpoint: {v!r})"
-        for k, v in shape.items()
-        if getattr(cfg, k) != v and getattr(cfg, k) != getattr(default, k)
+        for k, v in decided.items()
+        if k in given and getattr(cfg, k) != v
     ]
     if differ:
         raise NanoGPTError(
-            f"cannot resume {cfg.out_dir} with another model shape: {', '.join(differ)}. Give the checkpoint's "
-            "values (or leave them out of the command), or train a new model in another out_dir"
+            f"cannot resume {cfg.out_dir} with {', '.join(differ)}: its checkpoint holds those (its weights, "
+            "adapters or optimizer state). Leave them out of the command, or start a new run from its weights "
+            f"with --init_from={cfg.out_dir} --out_dir=ANOTHER"
         )
-    return dataclasses.replace(cfg, **shape)
+    fields = {f.name for f in dataclasses.fields(TrainConfig)} - set(INVOCATION_KEYS)
+    saved = {k: v for k, v in (ckpt.get("config") or {}).items() if k in fields}
+    carried = {k: v for k, v in (saved | decided).items() if k not in given}
+    return set_fields(cfg, carried, where=f"the saved config of {cfg.out_dir}'s checkpoint")
 
 
 def check_fits(config: GPTConfig, meta: dict) -> None:

@@ -19,6 +19,7 @@ import random
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from nanogpt.chat.sft import SFTLoader, sft_data
 from nanogpt.checkpoint import (
     CKPT_NAME,
     RESUME_NAME,
@@ -52,10 +54,10 @@ from nanogpt.lora import lora_checkpoint
 from nanogpt.options import to_dict
 from nanogpt.perf import compile_options, keep_freed_memory, matmul_peak_flops, wants_compile
 from nanogpt.train import distributed
-from nanogpt.train.config import TrainConfig, load_train_config, train_help
+from nanogpt.train.config import TrainConfig, given_keys, load_train_config, preset_names, train_help
 from nanogpt.train.distributed import DistEnv
 from nanogpt.train.metrics import NullLog, RunLog
-from nanogpt.train.model_init import init_model, resumed_config
+from nanogpt.train.model_init import given_values, init_model, resumed_config
 from nanogpt.train.optim import build_optimizer
 from nanogpt.train.schedule import get_lr
 from nanogpt.train.step import Batch, TrainStep, checkpoint_activations, new_scaler
@@ -72,16 +74,24 @@ def main(argv: list[str]) -> int:
     if "-h" in argv or "--help" in argv:
         print(train_help())
         return 0
-    result = train(load_train_config(argv))
+    cfg, given = load_train_config(argv), given_keys(argv)
+    if cfg.init_from != "resume" and "dataset" not in given and not cfg.sft_data:
+        raise NanoGPTError(
+            "name what to train: a preset (e.g. `nanogpt train shakespeare_char_cpu`, a few CPU minutes) or "
+            f"--dataset=NAME. Presets: {', '.join(preset_names())}. TrainConfig's defaults alone are GPT-2 "
+            "124M on OpenWebText: `nanogpt train gpt2_124m`"
+        )
+    result = train(cfg, given)
     # stopped by a signal (saved, resumable): the shell's code for it, so `train && next` does not go on
     return 128 + signal.Signals[result["stopped_by"]].value if result["stopped_by"] else 0
 
 
-def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Train (or only evaluate) as `cfg` says. Returns final_train_loss (of the last eval), final_val_loss,
-    best_val_loss, total_train_time (seconds in optimizer steps, evals and checkpoints excluded),
-    elapsed_s (wall seconds, all included), tokens_per_sec, iter_num, out_dir and stopped_by (the signal
-    that stopped it early, or None)."""
+def train(cfg: TrainConfig, given: set[str] | None = None) -> dict[str, Any]:
+    """Train (or only evaluate) as `cfg` says; on resume, the keys not in `given` (default: those cfg sets
+    to other values than TrainConfig's defaults) come from the checkpoint (model_init.resumed_config).
+    Returns final_train_loss (of the last eval), final_val_loss, best_val_loss, total_train_time (seconds
+    in optimizer steps, evals and checkpoints excluded), elapsed_s (wall seconds, all included),
+    tokens_per_sec, iter_num, out_dir and stopped_by (the signal that stopped it early, or None)."""
     device = resolve_device(cfg.device)
     keep_freed_memory(device)  # no page faults for each CPU step's activations
     env = distributed.init(device, cfg.backend)
@@ -89,7 +99,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         # prints come from rank 0 only; every rank still reports errors on stderr
         quiet = contextlib.nullcontext() if env.master else contextlib.redirect_stdout(io.StringIO())
         with quiet, StopRequest() as stop:
-            run = Run(cfg, env, device)
+            check_fresh_out_dir(cfg)
+            ckpt = load_checkpoint(resume_path(cfg.out_dir)) if cfg.init_from == "resume" else None
+            if ckpt is not None:
+                cfg = resumed_config(cfg, ckpt, given_values(cfg) if given is None else given)
+                if ckpt["iter_num"] >= cfg.max_iters and not cfg.eval_only:
+                    return complete_run(cfg, ckpt)
+            run = Run(cfg, env, device, ckpt)
             # one trainer per out_dir: a second one is refused before it writes anything
             with folder_lock(cfg.out_dir, "training") if env.master else contextlib.nullcontext():
                 if env.master:
@@ -106,6 +122,42 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         return result
     finally:
         distributed.close(env)
+
+
+def check_fresh_out_dir(cfg: TrainConfig) -> None:
+    """A new run (not init_from=resume) does not replace a checkpoint in its out_dir unless told to."""
+    found = [n for n in (CKPT_NAME, RESUME_NAME) if (Path(cfg.out_dir) / n).is_file()]
+    if cfg.init_from != "resume" and found and not cfg.overwrite:
+        raise NanoGPTError(
+            f"{cfg.out_dir} holds the checkpoint of an earlier run ({found[0]}): continue it with "
+            "--init_from=resume, replace it with --overwrite=true, or give another --out_dir"
+        )
+
+
+def complete_run(cfg: TrainConfig, ckpt: dict[str, Any]) -> dict[str, Any]:
+    """A resumed run already at max_iters is complete (said, nothing changed); below its iteration is an
+    error. Returns train's result for it."""
+    iter_num = ckpt["iter_num"]
+    if iter_num > cfg.max_iters:
+        raise NanoGPTError(
+            f"max_iters={cfg.max_iters} is below iteration {iter_num} of {cfg.out_dir}'s checkpoint (nothing "
+            f"changed): give --max_iters={iter_num} or more"
+        )
+    print(
+        f"{cfg.out_dir} is complete: at iteration {iter_num} = max_iters, nothing to train (nothing changed). "
+        "Give a larger --max_iters to train on"
+    )
+    return {
+        "final_train_loss": math.nan,
+        "final_val_loss": math.nan,
+        "best_val_loss": float(ckpt["best_val_loss"]),
+        "total_train_time": ckpt.get("train_time", 0.0),
+        "elapsed_s": ckpt.get("elapsed_s", 0.0),
+        "tokens_per_sec": math.nan,
+        "iter_num": iter_num,
+        "out_dir": cfg.out_dir,
+        "stopped_by": None,
+    }
 
 
 class StopRequest:
@@ -137,7 +189,8 @@ class Run:
     """One training run, set up as its config says; `loop` trains it. Every rank builds one: all compute,
     rank 0 alone writes (the other ranks' log is a NullLog)."""
 
-    def __init__(self, cfg: TrainConfig, env: DistEnv, device: str):
+    def __init__(self, cfg: TrainConfig, env: DistEnv, device: str, ckpt: dict[str, Any] | None = None):
+        """ckpt: the checkpoint a resumed run continues (cfg already resumed_config's)."""
         self.cfg, self.env, self.device = cfg, env, device
         self.dtype = resolve_dtype(cfg.dtype, device)
         self.accum = distributed.per_rank_accumulation(cfg.gradient_accumulation_steps, env.world_size)
@@ -146,21 +199,17 @@ class Run:
         self.autocast = autocast(device, self.dtype)
         self.peak_flops = matmul_peak_flops(device, DTYPES[self.dtype])  # what MFU is measured against
 
-        # data, and the model: from scratch, from out_dir's checkpoint, or from GPT-2 weights
-        self.data_dir = dataset_dir(cfg, env)
-        self.meta = read_meta(self.data_dir)
-        ckpt = load_checkpoint(resume_path(cfg.out_dir)) if cfg.init_from == "resume" else None
-        if ckpt is not None:
-            cfg = self.cfg = resumed_config(cfg, ckpt)
-            if ckpt["iter_num"] >= cfg.max_iters and not cfg.eval_only:
-                raise NanoGPTError(
-                    f"{cfg.out_dir} is already at iteration {ckpt['iter_num']}, max_iters={cfg.max_iters}: nothing "
-                    f"to train (nothing changed). Give a larger --max_iters to train on"
-                )
+        # data (a prepared dataset, or conversations read and checked for SFT), and the model: from
+        # scratch, from out_dir's checkpoint, or from GPT-2 weights
+        self.sft = sft_data(cfg, ckpt) if cfg.sft_data else None
+        self.data_dir = None if self.sft else dataset_dir(cfg, env)
+        self.meta = self.sft.meta if self.sft else read_meta(self.data_dir)
         _seed_everything(cfg.seed)  # the same initial weights on every rank (FSDP shards them as they are)
         self.raw_model = init_model(cfg, self.meta, ckpt).to(device)
         self.block_size = self.raw_model.config.block_size
-        for split in ("train", "val"):  # once, at start
+        if self.sft:
+            self.sft.pack(self.block_size, self.raw_model.config.vocab_size, cfg.seed)
+        for split in () if self.sft else ("train", "val"):  # once, at start
             check_token_ids(
                 load_split(self.data_dir, split),
                 self.raw_model.config.vocab_size,
@@ -168,15 +217,15 @@ class Run:
             )
         self.tokens_per_iter = self.accum * env.world_size * cfg.batch_size * self.block_size
         self._build_step()
-        self.loader = BatchLoader(
-            self.data_dir, cfg.batch_size, self.block_size, device, cfg.seed, env.rank, env.world_size
-        )
+        self.loader = self.new_loader(cfg.seed, env.rank, env.world_size)
         _seed_everything(cfg.seed + env.rank)  # dropout differs across ranks, like their batches
         self.iter_num, self.best_val_loss, self.train_time = 0, math.inf, 0.0
         self.elapsed_before, self.started, self.eval_seconds = 0.0, time.perf_counter(), 0.0
         if ckpt is not None:
             self._restore(ckpt)
         self.start_iter = self.iter_num
+        # whether out_dir's ckpt.pt is this run's (a resumed run's, or saved since): a complete run has one
+        self.has_checkpoint = ckpt is not None and (Path(cfg.out_dir) / CKPT_NAME).is_file()
         self.batches = TrainBatches(self.loader)  # the first batch, fetched ahead
         self.last_eval: dict[str, float] = {}
         self.last_loss = math.nan
@@ -223,11 +272,10 @@ class Run:
         self.iter_num, self.best_val_loss = ckpt["iter_num"], float(ckpt["best_val_loss"])
         self.train_time = ckpt.get("train_time", 0.0)  # of the parts before: the run's total stays true
         self.elapsed_before = ckpt.get("elapsed_s", 0.0)  # wall time of the parts before, evals included
-        if is_nanogpt_checkpoint(ckpt):  # its AdamW state, by position (our order of parameters is its order)
-            self.step.optimizer.load_state_dict(ckpt["optimizer"])
+        self._restore_optimizer(ckpt)
+        if is_nanogpt_checkpoint(ckpt):
             print("a nanoGPT checkpoint saves no RNG state or data position: resumed with fresh ones")
             return
-        set_optimizer_state_dict(self.wrapped, self.step.optimizer, ckpt["optimizer"], options=FULL_STATE)
         if ckpt["scaler"]:
             self.step.scaler.load_state_dict(ckpt["scaler"])
         self.loader.load_state_dict(ckpt["loader"])
@@ -238,6 +286,25 @@ class Run:
             print(
                 f"checkpoint made by {len(states)} process(es), now {self.env.world_size}: dropout RNG is reseeded"
             )
+
+    def _restore_optimizer(self, ckpt: dict[str, Any]) -> None:
+        """The checkpoint's optimizer state (moments, steps) under this run's hyperparameters (cfg's weight
+        decay, betas, momentum: the checkpoint's unless the command changed them)."""
+        optimizer = self.step.optimizer
+        hyper = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+        try:
+            if is_nanogpt_checkpoint(ckpt):  # its AdamW state, by position (our parameters are in its order)
+                optimizer.load_state_dict(ckpt["optimizer"])
+            else:
+                set_optimizer_state_dict(self.wrapped, optimizer, ckpt["optimizer"], options=FULL_STATE)
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise NanoGPTError(
+                f"the optimizer state of {self.cfg.out_dir}'s checkpoint does not fit optimizer="
+                f"{self.cfg.optimizer!r} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}): "
+                "resume with the optimizer it was trained with"
+            ) from None
+        for group, values in zip(optimizer.param_groups, hyper, strict=True):
+            group.update(values)
 
     def loop(self, stop: StopRequest, log: RunLog | NullLog) -> None:
         """Until max_iters (or the max_seconds budget, with a final evaluation): evaluate (and save) every
@@ -250,8 +317,8 @@ class Run:
             if self.iter_num % cfg.eval_interval == 0 or done:
                 self.evaluate(log)
             if done:
-                if self.env.master and not cfg.eval_only:  # complete: a stopped part's state is superseded
-                    discard_resume(cfg.out_dir)
+                if not cfg.eval_only:
+                    self.finish(log)
                 return
             self.train_one_step(log, spent)
             # SIGINT / SIGTERM: every rank stops after the same step
@@ -262,6 +329,19 @@ class Run:
                     f"the same command with --init_from=resume --out_dir={cfg.out_dir}"
                 )
                 return
+
+    def finish(self, log: RunLog | NullLog) -> None:
+        """A complete run leaves a checkpoint: the final model where no evaluation saved one (none improved
+        on the first, with always_save_checkpoint=false, or no step was taken). A stopped part's state is
+        superseded."""
+        if not self.has_checkpoint:
+            log.message(
+                f"no evaluation after iteration {self.start_iter} improved on the best val loss "
+                f"({self.best_val_loss:.4f}) to save a checkpoint: saving the final model (iteration {self.iter_num})"
+            )
+            self.save(log)
+        if self.env.master:
+            discard_resume(self.cfg.out_dir)
 
     def elapsed_s(self) -> float:
         """Wall seconds of the run so far, evaluations and checkpoints included (earlier parts too)."""
@@ -275,11 +355,19 @@ class Run:
         spent = (self.elapsed_s() + self.eval_seconds) / self.cfg.max_seconds
         return distributed.all_sum([spent], self.env, self.device)[0] / self.env.world_size
 
+    def new_loader(self, seed: int, rank: int = 0, world_size: int = 1) -> BatchLoader | SFTLoader:
+        """Batches of the run's data: windows of the prepared dataset, or SFT's packed conversations."""
+        if self.sft:
+            return self.sft.loader(self.cfg.batch_size, self.device, seed, rank, world_size)
+        return BatchLoader(
+            self.data_dir, self.cfg.batch_size, self.block_size, self.device, seed, rank, world_size
+        )
+
     def evaluate(self, log: RunLog | NullLog) -> None:
         """Estimate the train and val loss; save a checkpoint if val improved (or always, if so asked)."""
         t0, elapsed = time.perf_counter(), self.elapsed_s()
         losses = estimate_loss(
-            self.model, self.data_dir, self.cfg, self.block_size, self.device, self.autocast, self.env
+            self.model, self.new_loader, self.cfg, self.block_size, self.device, self.autocast, self.env
         )
         _check_finite(losses["val"] + losses["train"], self.iter_num, self.cfg.out_dir)
         self.last_eval = losses
@@ -346,7 +434,7 @@ class Run:
                 iter_num=self.iter_num,
                 best_val_loss=self.best_val_loss,
                 config=to_dict(self.cfg),
-                tokenizer=self.meta["tokenizer"],
+                tokenizer=self.sft.tokenizer_meta if self.sft else self.meta["tokenizer"],  # SFT: + template
                 rng=rng,
                 loader=self.batches.resume_state,
                 train_time=self.train_time,
@@ -354,6 +442,7 @@ class Run:
             )
             ckpt = lora_checkpoint(ckpt, self.raw_model)  # a LoRA run saves its adapters only
             log.message(f"saving checkpoint to {save_checkpoint(ckpt, self.cfg.out_dir, name)}")
+        self.has_checkpoint = self.has_checkpoint or name == CKPT_NAME
 
     def result(self, stopped_by: str | None) -> dict[str, Any]:
         steps = self.iter_num - self.start_iter
@@ -399,7 +488,7 @@ def dataset_dir(cfg: TrainConfig, env: DistEnv) -> Path:
 @torch.no_grad()
 def estimate_loss(
     model: torch.nn.Module,
-    data_dir: Path,
+    new_loader: Callable[[int], Any],  # seed -> a loader of the run's data (Run.new_loader)
     cfg: TrainConfig,
     block_size: int,
     device: str,
@@ -413,7 +502,7 @@ def estimate_loss(
     model.eval()
     per_rank = math.ceil(cfg.eval_iters / env.world_size)
     for split in ("train", "val"):
-        loader = BatchLoader(data_dir, cfg.batch_size, block_size, device, seed=EVAL_SEED)
+        loader = new_loader(EVAL_SEED)
         total = torch.zeros((), device=device)
         for k in range(per_rank * env.world_size):
             X, Y = loader.get_batch(split)
