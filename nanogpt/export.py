@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from nanogpt.chat.template import chat_tokenizer
 from nanogpt.checkpoint import (
     checkpoint_path,
     is_hf_source,
@@ -61,6 +62,7 @@ def export(cfg: ExportConfig) -> Path:
         raise NanoGPTError("give --to=PATH: the folder (hf, ckpt) or .gguf file to write")
     source = model_source(cfg.init_from, cfg.out_dir)
     model, tokenizer = load_model(source, "cpu", cfg.meta)
+    tokenizer = chat_tokenizer(source, tokenizer)  # a chat model's template travels into every format
     if has_lora(model):
         print("merging the LoRA adapters into their base")
         model = merge_lora(model)

@@ -177,3 +177,32 @@ def test_bad_lines_are_named_with_file_and_line(tmp_path, line, message):
     path.write_text(good + "\n" + line + "\n")
     with pytest.raises(NanoGPTError, match=f"bad.jsonl {message}"):
         read_conversations(path)
+
+
+def test_export_carries_the_template_to_transformers_and_merged_checkpoints(tmp_path, bpe):
+    transformers = pytest.importorskip("transformers")
+    from dataclasses import asdict
+
+    from nanogpt.checkpoint import load_checkpoint, save_checkpoint
+    from nanogpt.cli import main as cli_main
+    from nanogpt.model import GPT, GPTConfig
+
+    model = GPT(GPTConfig(vocab_size=bpe.vocab_size, block_size=32, n_layer=1, n_head=1, n_embd=8))
+    meta = with_template(bpe.to_meta(), template_for(bpe))
+    save_checkpoint(
+        {"model": model.state_dict(), "model_args": asdict(model.config), "tokenizer": meta}, tmp_path / "sft"
+    )
+    assert (
+        cli_main(["export", f"--out_dir={tmp_path / 'sft'}", "--format=hf", f"--to={tmp_path / 'hf'}"]) == 0
+    )
+    saved = tmp_path / "hf" / "chat_template.jinja"  # transformers 5's place; older: tokenizer_config.json
+    config = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
+    assert (saved.read_text() if saved.is_file() else config["chat_template"]) == jinja(template_for(bpe))
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    as_dicts = [{"role": m.role, "content": m.content} for m in CONVERSATION]
+    assert _hf_ids(hf, as_dicts) == encode_conversation(bpe, template_for(bpe), CONVERSATION)[0]
+    assert (
+        cli_main(["export", f"--out_dir={tmp_path / 'sft'}", "--format=ckpt", f"--to={tmp_path / 'ckpt'}"])
+        == 0
+    )
+    assert stored_template(load_checkpoint(tmp_path / "ckpt")["tokenizer"]) == template_for(bpe)

@@ -134,9 +134,9 @@ def jinja(template: ChatTemplate) -> str:
 
 
 class ChatTokenizer:
-    """A chat model's tokenizer as a server decodes with it: the base tokenizer's ids and text, its
-    `template`, the chat tokens decoded as their spelling (GPT-2's tiktoken has no ids 50257/50258), and
-    `eot` the end of a turn, where a reply ends. Everything else is the base tokenizer's."""
+    """A chat model's tokenizer, as serving and export use it: the base tokenizer's ids and text, its
+    `template` (in to_meta() too), the chat tokens decoded as their spelling (GPT-2's tiktoken has no ids
+    50257/50258), and `eot` the end of a turn, where a reply ends. Everything else is the base's."""
 
     def __init__(self, base: Any, template: ChatTemplate):
         self.base, self.template, self.eot = base, template, template.end
@@ -158,6 +158,9 @@ class ChatTokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def to_meta(self) -> dict:
+        return with_template(self.base.to_meta(), self.template)
 
     def encode_chat(self, messages: Sequence[Message]) -> list[int]:
         """The prompt of a reply to `messages` (encode_prompt)."""

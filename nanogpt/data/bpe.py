@@ -141,7 +141,7 @@ def format_report(report: dict) -> str:
 # --- transformers: a tokenizer.json that AutoTokenizer reads, giving the ids tiktoken gives ---
 
 
-def _byte_to_unicode() -> dict[int, str]:
+def byte_to_unicode() -> dict[int, str]:
     """GPT-2's printable stand-in character for each byte (the alphabet of byte-level vocabularies)."""
     printable = [
         *range(ord("!"), ord("~") + 1),
@@ -167,11 +167,14 @@ def _merge_of(token: bytes, rank: int, ranks: dict[bytes, int]) -> tuple[bytes, 
 
 
 def hf_tokenizer(tok: Tokenizer):
-    """A `transformers.PreTrainedTokenizerFast` equal to `tok` (a trained BPE or GPT-2's): the same ids."""
+    """A `transformers.PreTrainedTokenizerFast` equal to `tok` (a trained BPE or GPT-2's): the same ids;
+    a chat model's tokenizer also brings its `chat_template`, which apply_chat_template renders to our ids."""
     from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
     from tokenizers import Tokenizer as HFTokenizer
     from transformers import PreTrainedTokenizerFast
 
+    # a chat model's tokenizer (nanogpt.chat.template.ChatTokenizer): its base's vocabulary, its template
+    template, tok = getattr(tok, "template", None), getattr(tok, "base", tok)
     tokens = tok.token_bytes()
     specials = dict(tok.special_tokens) if isinstance(tok, BPETokenizer) else {ENDOFTEXT: tok.eot}
     if not isinstance(tok, BPETokenizer):  # GPT-2's chat tokens: the padded vocabulary's first unused ids
@@ -179,7 +182,7 @@ def hf_tokenizer(tok: Tokenizer):
     pattern = tok.pattern if isinstance(tok, BPETokenizer) else PATTERNS["gpt2"]
     n_ranks = min(specials.values())  # the special tokens follow the ranks
     ranks = {token: i for i, token in enumerate(tokens[:n_ranks])}
-    alphabet = _byte_to_unicode()
+    alphabet = byte_to_unicode()
     show = lambda token: "".join(alphabet[b] for b in token)
     merges = [tuple(map(show, _merge_of(t, i, ranks))) for i, t in enumerate(tokens[:n_ranks]) if len(t) > 1]
     model = models.BPE(vocab={show(t): i for t, i in ranks.items()}, merges=merges, ignore_merges=True)
@@ -194,7 +197,12 @@ def hf_tokenizer(tok: Tokenizer):
         [AddedToken(t, special=True, normalized=False) for t in sorted(specials, key=specials.get)]
     )
     eot = {"bos_token": ENDOFTEXT, "eos_token": ENDOFTEXT} if ENDOFTEXT in specials else {}
-    return PreTrainedTokenizerFast(tokenizer_object=hf, **eot)
+    hf = PreTrainedTokenizerFast(tokenizer_object=hf, **eot)
+    if template is not None:  # saved as chat_template.jinja (older transformers: in tokenizer_config.json)
+        from nanogpt.chat.template import jinja
+
+        hf.chat_template = jinja(template)
+    return hf
 
 
 def write_hf_tokenizer(tok: Tokenizer, directory: str | Path) -> bool:
