@@ -2,9 +2,10 @@
 whose y is -1 wherever the loss must not train (the model's cross-entropy ignores -1).
 
 Packed, not padded: each conversation (cut to block_size + 1 tokens if longer, and counted) is placed
-whole into the fullest row it still fits (best fit), so rows are nearly full and a batch is (B, T) like
-a pretraining batch: the same step, the same tokens/s. The rest of a row is <|endoftext|> with y = -1.
-Conversations in one row see the ones before them, as pretraining's packed documents do; each starts
+whole, longest first, into the fullest row it still fits (best fit decreasing), and a batch is (B, T)
+like a pretraining batch: the same step, the same tokens/s (benchmarks/bench_sft.py: 0.98x). The rest
+of a row is <|endoftext|> with y = -1 (FastChat's identity chats fill rows of 257 to 87%); padding
+each batch to its longest conversation would waste more, and vary the step's shape. Conversations in one row see the ones before them, as pretraining's packed documents do; each starts
 with <|endoftext|>, after which the base model learnt to ignore what came before.
 
 Val holds whole conversations (sft_val_fraction of them, at least one), never a part of a training one.
@@ -70,11 +71,14 @@ class Packed:
 
 
 def pack(ids: list[np.ndarray], trained: list[np.ndarray], block_size: int, pad: int, seed: int) -> Packed:
-    """Conversations cut to block_size + 1 tokens, best-fit packed in a seeded order, padded with `pad`."""
+    """Conversations cut to block_size + 1 tokens, best-fit packed longest first, padded with `pad`."""
     width = block_size + 1
     order = np.random.default_rng(seed).permutation(len(ids))
     truncated = [i for i in order if len(ids[i]) > width]
     kept = [i for i in order if trained[i][1:width].any()]  # position 0 is never a label
+    # longest first (best fit decreasing: fuller rows than in random order), ties in the seeded order;
+    # the loader shuffles the rows themselves
+    kept.sort(key=lambda i: -min(len(ids[i]), width))
     rows = best_fit([min(len(ids[i]), width) for i in kept], width)
     tokens = np.full((len(rows), width), pad, dtype=np.int64)
     targets = np.zeros((len(rows), width), dtype=bool)
