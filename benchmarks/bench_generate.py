@@ -19,10 +19,20 @@ shakespeare_char_cpu preset (4 layers, 4 heads, n_embd 128, 65-character vocabul
 Every setting samples at temperature 1 with no top-k/top-p, from a 1-token prompt, never stopping early.
 Targets: issue 6, >= 10x tokens/s with the cache than without for 500 new tokens, and >= HF generate(),
 both in setting b, batch 1 and 8; issue 14, setting c >= 5x recompute at batch 1.
+
+--quantize measures instead what nanogpt.quantize buys: cached decoding tokens/s at batch 1 and 8 of the
+baby shape (the preset's, block 64, 63 new tokens) and of GPT-2-124M's (block 1024, --quantize_tokens new
+tokens) in float32, bfloat16 (autocast) and int8, the variants alternated within each repeat (medians);
+also int8 with every Linear quantised (the baby's layers are below quantization.MIN_WEIGHTS) and int8 with a
+float32 head (GPT-2's). Then it trains the baby for --train_iters steps on shakespeare_char and gives the
+val loss in float32 and int8. Target (issue 25): int8 >= 2x float32 at GPT-2-124M, batch 1; loss within 1%.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_generate.py --quantize     # about two minutes
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import resource
@@ -30,17 +40,24 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from nanogpt.bench import measure_generation
+from nanogpt.bench import GEN_BATCH_SIZES, generation_tokens_per_second, measure_generation
+from nanogpt.checkpoint import load_model
+from nanogpt.data.loader import load_split
+from nanogpt.data.prepare import ensure_prepared
 from nanogpt.device import device_name
+from nanogpt.evaluate import evaluate
 from nanogpt.files import write_text_atomic
 from nanogpt.model import GPT, GPTConfig
 from nanogpt.options import parse_options
+from nanogpt.quantization import quantize
 from nanogpt.train.config import load_train_config
+from nanogpt.train.trainer import train
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 SHAKESPEARE_CHARS = 65  # tiny Shakespeare's distinct characters: the preset's vocabulary
@@ -52,7 +69,10 @@ class Options:
     repeats: int = 3
     long_block_size: int = 1024  # setting b's context window (>= 1 + new_tokens)
     hf: bool = True  # also time transformers' generate() in setting b
-    out: str = "benchmarks/results/bench_generate.json"
+    quantize: bool = False  # measure float32 vs bfloat16 vs int8 instead (see above)
+    quantize_tokens: int = 16  # --quantize: new tokens per run at the GPT-2-124M shape
+    train_iters: int = 300  # --quantize: training steps of the baby model whose val loss is compared
+    out: str = ""  # "": benchmarks/results/bench_generate.json (bench_generate_quantize.json with --quantize)
 
 
 def preset_model(block_size: int, position: str = "learned") -> GPT:
@@ -108,6 +128,105 @@ def with_hf(model: GPT, rows: list[dict], new_tokens: int, repeats: int) -> bool
     return torch.equal(ref, mine)
 
 
+def int8_head_in_float32(model: GPT) -> GPT:
+    """A copy of model with every Linear int8 but the head, float32 and still tied to wte."""
+    model = copy.deepcopy(model)
+    head = model.lm_head
+    quantize(model)
+    model.lm_head = head
+    return model
+
+
+def precision_variants(model: GPT, baby: bool) -> dict[str, tuple[GPT, str]]:
+    """name -> (model, autocast dtype) of each variant timed at this shape."""
+    variants = {
+        "float32": (model, "float32"),
+        "bfloat16": (model, "bfloat16"),
+        "int8": (quantize(copy.deepcopy(model)), "float32"),
+    }
+    if baby:
+        variants["int8_every_linear"] = (quantize(copy.deepcopy(model), min_weights=0), "float32")
+    else:
+        variants["int8_float32_head"] = (int8_head_in_float32(model), "float32")
+    return variants
+
+
+def precision_rows(model: GPT, baby: bool, new_tokens: int, repeats: int) -> list[dict]:
+    """Cached decoding tokens/s of each variant at each batch size: medians of `repeats` rounds, each
+    round timing every variant once (a busy machine slows them alike), with ratios to float32."""
+    variants = precision_variants(model, baby)
+    rows = []
+    for batch_size in GEN_BATCH_SIZES:
+        runs: dict[str, list[float]] = {name: [] for name in variants}
+        for _ in range(repeats):
+            for name, (variant, dtype) in variants.items():
+                rate = generation_tokens_per_second(variant, batch_size, new_tokens, True, dtype, 1)
+                runs[name].append(rate)
+        rates = {name: statistics.median(r) for name, r in runs.items()}
+        row = {"batch_size": batch_size, "new_tokens": new_tokens, "tokens_per_sec": rates}
+        row["vs_float32"] = {name: rate / rates["float32"] for name, rate in rates.items()}
+        rows.append(row)
+        print(
+            f"  batch {batch_size}: " + ", ".join(f"{n} {r:,.1f}" for n, r in rates.items()), file=sys.stderr
+        )
+    return rows
+
+
+def trained_val_losses(train_iters: int) -> dict[str, float]:
+    """Val loss (whole split) of the baby model after train_iters steps on shakespeare_char, in float32
+    and int8 (as quantize does it, and with every Linear int8)."""
+    with tempfile.TemporaryDirectory() as out_dir:
+        cfg = load_train_config(["shakespeare_char_cpu"])
+        ensure_prepared(cfg.dataset, cfg.data_dir)
+        steps = [f"--max_iters={train_iters}", f"--lr_decay_iters={train_iters}", f"--out_dir={out_dir}"]
+        steps.append(f"--warmup_iters={train_iters // 10}")
+        cfg = load_train_config(
+            ["shakespeare_char_cpu", *steps, "--eval_interval=100000", "--log_interval=100"]
+        )
+        train(cfg)
+        model, tokenizer = load_model(out_dir)
+    tokens = load_split(Path(cfg.data_dir) / cfg.dataset, "val")
+    models = {
+        "float32": model,
+        "int8": quantize(copy.deepcopy(model)),
+        "int8_every_linear": quantize(copy.deepcopy(model), min_weights=0),
+    }
+    losses = {name: evaluate(m, tokenizer, tokens, batch_size=32)["loss"] for name, m in models.items()}
+    relative = {
+        f"{name}_vs_float32": losses[name] / losses["float32"] - 1 for name in models if "int8" in name
+    }
+    return {**losses, **relative}
+
+
+def precision_results(opts: Options) -> dict:
+    """--quantize's measurements, as one JSON-able dict."""
+    shapes = {
+        "baby": (preset_model(64), 63),
+        "gpt2_124m": (GPT(GPTConfig()).eval(), opts.quantize_tokens),  # 50304 tokens, 12 x 768, block 1024
+    }
+    settings = {}
+    for name, (model, new_tokens) in shapes.items():
+        print(f"{name}: {model.get_num_params() / 1e6:.2f}M params", file=sys.stderr)
+        settings[name] = {"rows": precision_rows(model, name == "baby", new_tokens, opts.repeats)}
+    return {"settings": settings, "val_loss": trained_val_losses(opts.train_iters)}
+
+
+def precision_markdown(results: dict) -> str:
+    lines = ["| shape | batch | variant | tokens/s | vs float32 |", "|---|---:|---|---:|---:|"]
+    for shape, setting in results["settings"].items():
+        for r in setting["rows"]:
+            lines += [
+                f"| {shape} | {r['batch_size']} | {n} | {rate:,.1f} | {r['vs_float32'][n]:.2f}x |"
+                for n, rate in r["tokens_per_sec"].items()
+            ]
+    loss = results["val_loss"]
+    lines.append("\nval loss of the trained baby (whole split):")
+    lines += [
+        f"- {n}: {v:.4f}" if not n.endswith("_vs_float32") else f"- {n}: {v:+.3%}" for n, v in loss.items()
+    ]
+    return "\n".join(lines)
+
+
 def markdown(results: dict) -> str:
     lines = [
         "| setting | batch | KV cache tok/s | recompute tok/s | speedup | vs nanoGPT's loop "
@@ -130,6 +249,10 @@ def main(argv: list[str]) -> int:
     opts = parse_options(Options, argv, __doc__)
     if opts is None:  # --help
         return 0
+    if opts.quantize:
+        return write_results(
+            opts, precision_results(opts), precision_markdown, "bench_generate_quantize.json"
+        )
     settings = {}
     cases = (
         ("a_block64", 64, "learned"),
@@ -146,6 +269,11 @@ def main(argv: list[str]) -> int:
         settings[name] = setting
     for rope, learned in zip(settings["c_block64_rope"]["rows"], settings["a_block64"]["rows"], strict=True):
         rope["vs_nanogpt_loop"] = rope["tokens_per_sec_kv_cache"] / learned["tokens_per_sec_recompute"]
+    return write_results(opts, {"settings": settings}, markdown, "bench_generate.json")
+
+
+def write_results(opts: Options, measured: dict, table: Callable[[dict], str], default_name: str) -> int:
+    """Add the options, the machine and the peak RSS to `measured`; write it as JSON and print its table."""
     results = {
         "options": asdict(opts),
         "machine": {
@@ -154,14 +282,14 @@ def main(argv: list[str]) -> int:
             "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__,
         },
-        "settings": settings,
+        **measured,
         # ru_maxrss is in KiB on Linux (bytes on macOS)
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         / (1024 if sys.platform != "darwin" else 2**20),
     }
-    out = Path(opts.out)
+    out = Path(opts.out or f"benchmarks/results/{default_name}")
     write_text_atomic(out, json.dumps(results, indent=2) + "\n")
-    print(markdown(results))
+    print(table(results))
     print(f"\npeak RSS {results['peak_rss_mib']:.0f} MiB; JSON: {out}")
     return 0
 

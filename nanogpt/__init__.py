@@ -6,14 +6,19 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from nanogpt.model import GPT, GPTConfig
+    from nanogpt.quantization import quantize
 
-__all__ = ["GPT", "GPTConfig"]
+__all__ = ["GPT", "GPTConfig", "quantize"]
 __version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> Any:
-    """GPT and GPTConfig import torch on first use, not on `import nanogpt`: the CLI starts (and handles
-    Ctrl-C) before the heavy imports."""
+    """GPT, GPTConfig and quantize import torch on first use, not on `import nanogpt`: the CLI starts (and
+    handles Ctrl-C) before the heavy imports."""
+    if name == "quantize":
+        from nanogpt.quantization import quantize
+
+        return quantize
     if name in __all__:
         from nanogpt import model
 

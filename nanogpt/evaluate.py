@@ -36,6 +36,7 @@ from nanogpt.evals.tasks import resolve_tasks
 from nanogpt.files import read_utf8, write_text_atomic
 from nanogpt.model import GPT
 from nanogpt.options import parse_options
+from nanogpt.quantization import check_quantize, quantized
 
 _DECODE_CHUNK = 1 << 20  # tokens decoded at once when counting the characters and bytes of the text
 
@@ -55,6 +56,7 @@ class EvalConfig:
     device: str = "auto"
     dtype: DtypeName = "float32"  # float32, bfloat16 / float16 through torch.autocast, or auto (as training)
     compile: bool = False
+    quantize: str = "none"  # int8: int8 Linear weights and inputs, on the CPU (nanogpt/quantization.py)
     json: bool | str = False  # True: print one JSON object instead of a table; a path: also write it there
     tasks: str = ""  # core, task names (hellaswag,arc_easy), PATH.jsonl:TYPE:SHOTS or task.toml: accuracy instead of loss
     limit: int = 0  # --tasks: the first `limit` items of each task, in file order; 0: all
@@ -63,6 +65,7 @@ class EvalConfig:
 
     def __post_init__(self):
         check_dtype(self.dtype)
+        check_quantize(self.quantize, self.dtype, self.compile)
         if self.batch_size < 1 or self.block_size < 0 or self.max_tokens < 0:
             raise NanoGPTError("batch_size must be >= 1, block_size and max_tokens >= 0")
         if self.dataset and self.file:
@@ -194,6 +197,7 @@ def main(argv: list[str]) -> int:
     device = resolve_device(cfg.device)
     source = model_source(cfg.init_from, cfg.out_dir)
     model, tokenizer = load_for_inference(source, device, cfg.compile, cfg.meta)
+    model = quantized(model, cfg.quantize)
     if cfg.tasks:
         result = {"model": source, "tokenizer": tokenizer.name, **task_accuracy(cfg, model, tokenizer, device)}
         table = format_results(result)

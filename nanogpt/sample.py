@@ -22,6 +22,7 @@ from nanogpt.generate import Sampling, decode_stream, generate_stream
 from nanogpt.model import GPT
 from nanogpt.options import parse_options
 from nanogpt.processes import exits_on_sigterm
+from nanogpt.quantization import check_quantize, quantized
 
 C = TypeVar("C")
 
@@ -41,10 +42,12 @@ class SampleConfig:
     device: str = "auto"  # auto (cuda > mps > cpu) | cpu | cuda | cuda:1 | mps
     dtype: DtypeName = "float32"  # float32, bfloat16 / float16 through torch.autocast, or auto (as training)
     compile: bool = False  # torch.compile the model (pays off for long or many samples on a GPU)
+    quantize: str = "none"  # int8: int8 Linear weights and inputs, on the CPU (nanogpt/quantization.py)
     stop_at_eot: bool = True  # end a sample at the end-of-text token (GPT-2's <|endoftext|>), if any
 
     def __post_init__(self):
         check_dtype(self.dtype)
+        check_quantize(self.quantize, self.dtype, self.compile)
         if self.num_samples < 1 or self.max_new_tokens < 0:
             raise NanoGPTError(
                 f"num_samples must be >= 1 and max_new_tokens >= 0, got {self.num_samples}, {self.max_new_tokens}"
@@ -95,6 +98,7 @@ def sample(cfg: SampleConfig, out: TextIO | None = None) -> list[str]:
     model, tokenizer = load_for_inference(
         model_source(cfg.init_from, cfg.out_dir), device, cfg.compile, cfg.meta
     )
+    model = quantized(model, cfg.quantize)
     prompt_ids = encode_prompt(read_prompt(cfg.start), tokenizer, model.config.block_size)
     prompt = tokenizer.decode(prompt_ids)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)

@@ -38,6 +38,7 @@ class ServeConfig:
     device: str = "auto"  # auto (cuda > mps > cpu) | cpu | cuda | cuda:1 | mps
     dtype: str = "float32"  # float32, bfloat16 / float16 through torch.autocast, or auto
     compile: bool = False  # torch.compile the model
+    quantize: str = "none"  # int8: int8 Linear weights and inputs, on the CPU (nanogpt/quantization.py)
     threads: int = 0  # torch's CPU threads (0: PyTorch's default)
     model_name: str = ""  # the model id clients send and /v1/models shows ("": out_dir's name or init_from)
     api_key: str = ""  # when set (or NANOGPT_API_KEY), /v1/* need "Authorization: Bearer KEY"
@@ -50,8 +51,10 @@ class ServeConfig:
 
     def __post_init__(self):
         from nanogpt.device import check_dtype
+        from nanogpt.quantization import check_quantize
 
         check_dtype(self.dtype)
+        check_quantize(self.quantize, self.dtype, self.compile)
         for name in ("max_batch", "max_waiting", "max_n", "max_body_bytes"):
             if getattr(self, name) < 1:
                 raise NanoGPTError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -107,10 +110,12 @@ def load(cfg: ServeConfig, device: str):
     from nanogpt.chat.template import chat_tokenizer
     from nanogpt.checkpoint import load_for_inference, model_source
     from nanogpt.device import autocast, resolve_dtype
+    from nanogpt.quantization import quantized
     from nanogpt.serve.app import Served
 
     source = model_source(cfg.init_from, cfg.out_dir)
     model, tokenizer = load_for_inference(source, device, cfg.compile)
+    model = quantized(model, cfg.quantize)
     tokenizer = chat_tokenizer(source, tokenizer)  # a chat model's template and end of turn
     name = cfg.model_name or (
         Path(cfg.out_dir).resolve().name if cfg.init_from == "resume" else cfg.init_from
