@@ -36,10 +36,15 @@ from nanogpt.device import (
     synchronize,
 )
 from nanogpt.errors import NanoGPTError
-from nanogpt.generate import generate
 from nanogpt.model import GPT
 from nanogpt.options import read_argv, set_fields, split_options
-from nanogpt.perf import compile_options, keep_freed_memory, matmul_peak_flops, wants_compile
+from nanogpt.perf import (
+    compile_options,
+    generation_tokens_per_second,
+    keep_freed_memory,
+    matmul_peak_flops,
+    wants_compile,
+)
 from nanogpt.train.config import TrainConfig, load_train_config
 from nanogpt.train.model_init import init_model
 from nanogpt.train.optim import build_optimizer
@@ -113,32 +118,6 @@ def measure_training(
         "tokens_per_sec": B * T * accum / dt,
         "mfu": raw_model.estimate_mfu(B * accum, dt, peak_flops),
     }
-
-
-@torch.no_grad()
-def generation_tokens_per_second(
-    model: GPT,
-    batch_size: int,
-    new_tokens: int,
-    use_cache: bool = True,
-    dtype: str = "float32",
-    repeats: int = 3,
-) -> float:
-    """New tokens per second (all sequences together) of model.generate after a 1-token prompt, plain
-    sampling at temperature 1: the median of `repeats` runs, after a short untimed warm-up run."""
-    device = str(next(model.parameters()).device)
-    gen = torch.Generator(device=device).manual_seed(0)
-    prompt = torch.randint(model.config.vocab_size, (batch_size, 1), device=device, generator=gen)
-    times = []
-    with autocast(device, dtype):
-        generate(model, prompt, min(new_tokens, 8), use_cache=use_cache, generator=gen)
-        for _ in range(repeats):
-            synchronize(device)
-            t0 = time.perf_counter()
-            generate(model, prompt, new_tokens, use_cache=use_cache, generator=gen)
-            synchronize(device)
-            times.append(time.perf_counter() - t0)
-    return batch_size * new_tokens / statistics.median(times)
 
 
 def measure_generation(model: GPT, new_tokens: int, dtype: str, repeats: int) -> list[dict[str, Any]]:

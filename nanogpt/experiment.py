@@ -40,12 +40,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nanogpt.bench import generation_tokens_per_second
 from nanogpt.checkpoint import load_model, resume_path
 from nanogpt.device import resolve_device
 from nanogpt.errors import NanoGPTError
 from nanogpt.files import atomic_open, write_text_atomic
 from nanogpt.options import read_argv, read_toml, set_fields, split_options, to_dict
+from nanogpt.perf import generation_tokens_per_second
 from nanogpt.train.config import TrainConfig, load_train_config
 from nanogpt.train.metrics import read_metrics
 from nanogpt.train.trainer import train

@@ -1,17 +1,21 @@
 """What makes training and decoding fast on this machine, and how fast it is: glibc's allocator kept from
 unmapping freed memory (CPU), torch.compile's settings per device, and the measured matmul peak that MFU is
-reported against (on every device: the fraction of what this device actually does, not of a datasheet)."""
+reported against (on every device: the fraction of what this device actually does, not of a datasheet), and
+the generation throughput every benchmark and the experiment runner time."""
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import statistics
 import sys
 import time
 
 import torch
 
-from nanogpt.device import device_type, synchronize
+from nanogpt.device import autocast, device_type, synchronize
+from nanogpt.generate import generate
+from nanogpt.model import GPT
 
 
 @functools.cache
@@ -49,10 +53,12 @@ def compile_options(device: str) -> dict[str, bool]:
 
 
 @functools.cache
-def matmul_peak_flops(device: str, dtype: torch.dtype, repeats: int = 10, max_seconds: float = 0.05) -> float:
+def matmul_peak_flops(
+    device: str, dtype: torch.dtype, repeats: int = 10, max_matmul_seconds: float = 0.05
+) -> float:
     """FLOP/s of the fastest of `repeats` square matmuls, large enough to reach the device's peak: what
     MFU is measured against on this machine (once per process). The size doubles from 256 up to 8192 on
-    a GPU (2048 on a CPU), or until one matmul takes max_seconds: a dtype the device only emulates
+    a GPU (2048 on a CPU), or until one matmul takes max_matmul_seconds: a dtype the device only emulates
     (float16 on most CPUs, ~2 GFLOP/s) is measured in a second instead of minutes."""
     largest = 8192 if device_type(device) == "cuda" else 2048
     n = 256
@@ -61,7 +67,7 @@ def matmul_peak_flops(device: str, dtype: torch.dtype, repeats: int = 10, max_se
         b = torch.randn(n, n, device=device, dtype=dtype)
         a @ b  # warm up: library dispatch, thread pool, clocks
         seconds = _time_matmul(a, b, device)
-        if n >= largest or seconds > max_seconds:
+        if n >= largest or seconds > max_matmul_seconds:
             break
         n *= 2
     best = min(_time_matmul(a, b, device) for _ in range(repeats))
@@ -74,3 +80,29 @@ def _time_matmul(a: torch.Tensor, b: torch.Tensor, device: str) -> float:
     a @ b
     synchronize(device)
     return time.perf_counter() - t0
+
+
+@torch.no_grad()
+def generation_tokens_per_second(
+    model: GPT,
+    batch_size: int,
+    new_tokens: int,
+    use_cache: bool = True,
+    dtype: str = "float32",
+    repeats: int = 3,
+) -> float:
+    """New tokens per second (all sequences together) of nanogpt.generate.generate after a 1-token
+    prompt, plain sampling at temperature 1: the median of `repeats` runs, after a short untimed warm-up."""
+    device = str(next(model.parameters()).device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    prompt = torch.randint(model.config.vocab_size, (batch_size, 1), device=device, generator=gen)
+    times = []
+    with autocast(device, dtype):
+        generate(model, prompt, min(new_tokens, 8), use_cache=use_cache, generator=gen)
+        for _ in range(repeats):
+            synchronize(device)
+            t0 = time.perf_counter()
+            generate(model, prompt, new_tokens, use_cache=use_cache, generator=gen)
+            synchronize(device)
+            times.append(time.perf_counter() - t0)
+    return batch_size * new_tokens / statistics.median(times)

@@ -1,5 +1,5 @@
-"""`nanogpt bench`: its JSON report on a tiny preset-derived model and on a checkpoint, and the
-generation timer that the experiment runner and benchmarks/ share."""
+"""`nanogpt bench`: its JSON report on a tiny preset-derived model and on a checkpoint, the cache and
+recompute runs timed in alternation, and its step == the trainer's step."""
 
 from __future__ import annotations
 
@@ -7,11 +7,10 @@ import copy
 import itertools
 import json
 
-import pytest
 import torch
 
 from nanogpt import GPT, GPTConfig
-from nanogpt.bench import GEN_BATCH_SIZES, generation_tokens_per_second, measure_generation
+from nanogpt.bench import GEN_BATCH_SIZES, measure_generation
 from nanogpt.checkpoint import save_checkpoint
 from nanogpt.cli import main as cli
 
@@ -60,24 +59,6 @@ def test_bench_a_checkpoint(tmp_path, capsys):
 def test_unknown_option_is_reported(capsys):
     assert cli(["bench", "--train_iter=3"]) == 1
     assert "train_iters" in capsys.readouterr().err  # the did-you-mean hint
-
-
-@pytest.mark.parametrize("use_cache", [True, False])
-def test_generation_timer_counts_all_sequences(use_cache, monkeypatch):
-    """tokens/s = batch x new tokens / the median wall time of the generate() runs."""
-    model = GPT(GPTConfig(block_size=16, vocab_size=10, n_layer=1, n_head=1, n_embd=8)).eval()
-    calls = []
-
-    def generate(model, idx, max_new_tokens, **kwargs):
-        calls.append((idx.shape, max_new_tokens, kwargs["use_cache"]))
-        return model.generate(idx, max_new_tokens, **kwargs)
-
-    monkeypatch.setattr("nanogpt.bench.generate", generate)
-    clock = iter([0.0, 2.0, 10.0, 11.0, 20.0, 24.0])  # three timed runs: 2 s, 1 s, 4 s -> median 2 s
-    monkeypatch.setattr("nanogpt.bench.time.perf_counter", lambda: next(clock))
-    assert generation_tokens_per_second(model, 4, 12, use_cache, repeats=3) == pytest.approx(4 * 12 / 2.0)
-    assert calls[0] == (torch.Size([4, 1]), 8, use_cache)  # the untimed warm-up
-    assert calls[1:] == [(torch.Size([4, 1]), 12, use_cache)] * 3
 
 
 def test_cache_and_recompute_are_timed_in_alternation(monkeypatch):

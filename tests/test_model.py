@@ -203,13 +203,20 @@ def test_crop_block_size():
         model(torch.zeros(1, 9, dtype=torch.long))
 
 
-def test_estimate_mfu_formula():
-    model = tiny_model()
-    n = model.get_num_params()
-    flops_per_iter = (
-        (6 * n + 12 * 2 * 2 * 16 * 16) * 16 * 4
-    )  # 6N + 12 L H Q T per token, T tokens, 4 sequences
-    assert model.estimate_mfu(4, 0.5, peak_flops=1e9) == pytest.approx(flops_per_iter / 0.5 / 1e9)
+def test_flops_per_token_and_mfu_of_gpt2_124m_by_hand():
+    """GPT-2 124M (vocab 50257, T = 1024), counted by hand: per layer ln_1 1,536 + c_attn 1,771,776 +
+    attn c_proj 590,592 + ln_2 1,536 + c_fc 2,362,368 + mlp c_proj 2,360,064 = 7,087,872; x 12 =
+    85,054,464, + wte 38,597,376 + ln_f 1,536 = N = 123,653,376 without wpe (nanoGPT's "123.65M").
+    nanoGPT's 6N + 12 L H Q T = 741,920,256 + 12 * 12 * 12 * 64 * 1024 (113,246,208) = 855,166,464."""
+    with torch.device("meta"):  # shapes only: nothing allocated
+        model = GPT(
+            GPTConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768, bias=True)
+        )
+    assert model.get_num_params() == 123_653_376
+    assert model.flops_per_token() == 855_166_464
+    # nanoGPT's 480 sequences per iteration (12 x 40): 855,166,464 x 1024 x 480 = 420,331,420,385,280
+    # FLOPs; in 2 s on a device whose peak is half of that per second, MFU is 1
+    assert model.estimate_mfu(480, 2.0, peak_flops=210_165_710_192_640) == pytest.approx(1.0)
 
 
 def test_tanh_gelu_is_selectable():

@@ -1,5 +1,5 @@
 """What makes a device fast and how fast it is (nanogpt/perf.py): compile settings, the allocator, the
-measured matmul peak."""
+measured matmul peak, the generation timer."""
 
 from __future__ import annotations
 
@@ -10,18 +10,53 @@ import sys
 import pytest
 import torch
 
-from nanogpt.perf import compile_options, keep_freed_memory, matmul_peak_flops, wants_compile
+from nanogpt import GPT, GPTConfig
+from nanogpt.perf import (
+    generation_tokens_per_second,
+    keep_freed_memory,
+    matmul_peak_flops,
+    wants_compile,
+)
 
 
-def test_compile_is_opt_in_on_cpu_and_uses_the_cpp_wrapper_there_only():
-    assert not wants_compile(None, "cpu") and wants_compile(True, "cpu")
-    assert wants_compile(None, "cuda:1") and not wants_compile(False, "cuda")
-    assert compile_options("cpu") == {"cpp_wrapper": True}
-    assert compile_options("cuda") == {}
+@pytest.mark.parametrize(
+    "asked, device, compiles",
+    [(None, "cpu", False), (None, "cuda:1", True), (True, "cpu", True), (False, "cuda", False)],
+)
+def test_compile_is_as_asked_else_on_cuda_only(asked, device, compiles):
+    """(compile_options reaches torch.compile in test_trainer's compiled run, which fails on an option
+    inductor does not know.)"""
+    assert wants_compile(asked, device) is compiles
 
 
-def test_malloc_is_left_alone_for_gpu_runs():
-    assert not keep_freed_memory("cuda")
+class FakeLibc:
+    """ctypes.CDLL("libc.so.6") as keep_freed_memory sees it: records mallopt(param, value) calls."""
+
+    def __init__(self, ok: int = 1):
+        self.calls, self.ok = [], ok
+
+    def mallopt(self, param: int, value: int) -> int:
+        self.calls.append((param, value))
+        return self.ok
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc tuning is Linux-only")
+def test_malloc_keeps_freed_memory_for_cpu_runs_and_is_left_alone_for_gpu_runs(monkeypatch):
+    """M_MMAP_THRESHOLD (-3) and M_TRIM_THRESHOLD (-1) of <malloc.h> raised to 1 GiB for a CPU run; a GPU
+    run never touches libc; a failing mallopt or another C library (no libc.so.6) reports False."""
+    keep = keep_freed_memory.__wrapped__  # uncached
+    libc = FakeLibc()
+    monkeypatch.setattr("nanogpt.perf.ctypes.CDLL", lambda name: libc)
+    assert keep("cuda:0") is False and libc.calls == []
+    assert keep("cpu") is True and libc.calls == [(-3, 1 << 30), (-1, 1 << 30)]
+    monkeypatch.setattr("nanogpt.perf.ctypes.CDLL", lambda name: FakeLibc(ok=0))
+    assert keep("cpu") is False
+
+    def musl(name):
+        raise OSError(f"{name}: cannot open shared object file")
+
+    monkeypatch.setattr("nanogpt.perf.ctypes.CDLL", musl)
+    assert keep("cpu") is False
 
 
 ALLOCATION_FAULTS = """
@@ -59,20 +94,54 @@ def test_kept_freed_memory_is_reused_without_page_faults():
     assert faults["keep"] < faults["default"] / 100, faults
 
 
-def test_matmul_peak_grows_the_size_only_while_a_matmul_is_quick(monkeypatch):
-    """The peak is measured at 2048 on a CPU, unless a dtype is so slow (emulated float16: ~2 GFLOP/s,
-    over a minute at 2048) that a small size already takes max_seconds."""
-    sizes = []
-    randn = torch.randn
+@pytest.fixture
+def fake_matmuls(monkeypatch):
+    """The sizes matmul_peak_flops asks for, with 1 x 1 stand-ins so that nothing large is multiplied;
+    each product "takes" the next of the seconds given to set()."""
+    sizes, seconds = [], []
+    monkeypatch.setattr("nanogpt.perf.torch.randn", lambda n, m, **kw: sizes.append(n) or torch.zeros(1, 1))
+    monkeypatch.setattr("nanogpt.perf._time_matmul", lambda a, b, device: seconds.pop(0))
+    return sizes, seconds
 
-    def recording_randn(*shape, **kwargs):
-        sizes.append(shape[0])
-        return randn(*shape, **kwargs)
 
-    monkeypatch.setattr("nanogpt.perf.torch.randn", recording_randn)
+def test_matmul_peak_grows_the_size_only_while_a_matmul_is_quick(fake_matmuls):
+    """The size doubles from 256 to 2048 on a CPU, unless a dtype is so slow (emulated float16: ~2
+    GFLOP/s, over a minute at 2048) that a small size already takes max_matmul_seconds."""
+    sizes, seconds = fake_matmuls
     measure = matmul_peak_flops.__wrapped__  # uncached
-    assert measure("cpu", torch.float32, repeats=1, max_seconds=0.0) > 0
+    seconds += [0.5, 0.5]  # 256 already too slow: measured there
+    assert measure("cpu", torch.float16, repeats=1, max_matmul_seconds=0.05) == 2 * 256**3 / 0.5
     assert sizes == [256, 256]  # a and b, once
     sizes.clear()
-    assert measure("cpu", torch.float32, repeats=1, max_seconds=math.inf) > 0
-    assert sizes[::2] == [256, 512, 1024, 2048]
+    seconds += [0.001, 0.008, 0.06, 0.06]  # 1024 takes over 0.05 s: stops there
+    measure("cpu", torch.float32, repeats=1, max_matmul_seconds=0.05)
+    assert sizes[::2] == [256, 512, 1024]
+    sizes.clear()
+    seconds += [0.0] * 4 + [1e-3]
+    measure("cpu", torch.float32, repeats=1, max_matmul_seconds=math.inf)
+    assert sizes[::2] == [256, 512, 1024, 2048]  # the CPU's largest
+
+
+def test_matmul_peak_is_2_n_cubed_over_the_fastest_run(fake_matmuls):
+    """An n x n by n x n product is n^3 multiply-adds; the peak is the fastest of the repeats."""
+    _, seconds = fake_matmuls
+    seconds += [0.001, 0.002, 0.004, 0.008, 0.009, 0.007, 0.012]  # sizes 256..2048, then 3 repeats
+    assert matmul_peak_flops.__wrapped__("cpu", torch.float32, repeats=3) == 2 * 2048**3 / 0.007
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_generation_timer_counts_all_sequences(use_cache, monkeypatch):
+    """tokens/s = batch x new tokens / the median wall time of the generate() runs."""
+    model = GPT(GPTConfig(block_size=16, vocab_size=10, n_layer=1, n_head=1, n_embd=8)).eval()
+    calls = []
+
+    def generate(model, idx, max_new_tokens, **kwargs):
+        calls.append((idx.shape, max_new_tokens, kwargs["use_cache"]))
+        return model.generate(idx, max_new_tokens)
+
+    monkeypatch.setattr("nanogpt.perf.generate", generate)
+    clock = iter([0.0, 2.0, 10.0, 11.0, 20.0, 24.0])  # three timed runs: 2 s, 1 s, 4 s -> median 2 s
+    monkeypatch.setattr("nanogpt.perf.time.perf_counter", lambda: next(clock))
+    assert generation_tokens_per_second(model, 4, 12, use_cache, repeats=3) == pytest.approx(4 * 12 / 2.0)
+    assert calls[0] == (torch.Size([4, 1]), 8, use_cache)  # the untimed warm-up
+    assert calls[1:] == [(torch.Size([4, 1]), 12, use_cache)] * 3
