@@ -23,7 +23,7 @@ from nanogpt.files import atomic_open
 from nanogpt.hf import require_gpt2
 from nanogpt.model import GPT, GPTConfig
 
-DTYPES = ("float32", "float16", "bfloat16")
+DTYPES = ("float32", "float16", "bfloat16", "q8_0")
 # llama.cpp's pre-tokenizer of each of our split patterns ("llama-bpe" is LLaMA 3's, which is GPT-4's)
 PRE_TOKENIZER = {"gpt2": "gpt-2"}
 # our parameter name in a block -> llama.cpp's
@@ -117,10 +117,24 @@ def _tensor_data(gguf: Any, name: str, t: torch.Tensor, dtype: str) -> tuple[np.
     """(array, raw dtype or None) of one tensor: vectors stay float32 as llama.cpp's converter keeps them."""
     if t.dim() == 1 or dtype == "float32":
         return t.numpy().astype(np.float32), None
+    if dtype == "q8_0":
+        return _q8_0(gguf, name, t.numpy().astype(np.float32))
     if dtype == "float16":
         return t.numpy().astype(np.float16), None
     data = gguf.quants.quantize(t.numpy().astype(np.float32), gguf.GGMLQuantizationType.BF16)
     return data, gguf.GGMLQuantizationType.BF16
+
+
+def _q8_0(gguf: Any, name: str, data: np.ndarray) -> tuple[np.ndarray, Any]:
+    """Q8_0 (each run of 32 values of a row as int8 times one float16 scale, max |value| / 127), as
+    llama.cpp's converter writes it: position embeddings stay float32, and a matrix whose rows are not a
+    multiple of 32 long falls back to float16."""
+    if name == "position_embd.weight":
+        return data, None
+    try:
+        return gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0
+    except gguf.QuantError:
+        return data.astype(np.float16), None
 
 
 def write_gguf(model: GPT, tokenizer: Any, path: str | Path, dtype: str = "float16", name: str = "") -> Path:
@@ -131,7 +145,12 @@ def write_gguf(model: GPT, tokenizer: Any, path: str | Path, dtype: str = "float
     require_gpt2(cfg, "GGUF's gpt2 architecture")
     tokens, merges, types = vocabulary(tokenizer, cfg.vocab_size)
     gguf = _gguf()
-    file_type = {"float32": "ALL_F32", "float16": "MOSTLY_F16", "bfloat16": "MOSTLY_BF16"}[dtype]
+    file_type = {
+        "float32": "ALL_F32",
+        "float16": "MOSTLY_F16",
+        "bfloat16": "MOSTLY_BF16",
+        "q8_0": "MOSTLY_Q8_0",
+    }[dtype]
     path = Path(path)
     # the writer opens the file by name: it writes atomic_open's temporary, which is renamed on success
     with atomic_open(path, "wb", durable=True) as f:

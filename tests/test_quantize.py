@@ -10,6 +10,7 @@ import json
 import threading
 from dataclasses import asdict
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -244,3 +245,38 @@ def test_serve_loads_an_int8_model_and_completes(wide_ckpt):
     assert reply.status_code == 200
     texts = [c["text"] for c in reply.json()["choices"]]
     assert len(texts) == 2 and texts[0] == texts[1] and len(texts[0]) > 0
+
+
+def test_gguf_q8_0_reads_back_within_its_rounding(tmp_path):
+    """--dtype=q8_0: every matrix but the position embeddings is Q8_0 in the file (vectors float32, as
+    llama.cpp's converter writes them); gguf's reader dequantises each to our weights within Q8_0's error:
+    per block of 32 values, half a step d = max |value| / 127, plus d's own rounding to float16 (2^-11 of
+    it, times at most 127 steps)."""
+    gguf = pytest.importorskip("gguf")
+    from nanogpt.data.tokenizers import get_tokenizer
+    from nanogpt.gguf_export import gguf_tensors, write_gguf
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=64, vocab_size=50304, n_layer=1, n_head=2, n_embd=64, bias=True)).eval()
+    path = write_gguf(model, get_tokenizer("gpt2"), tmp_path / "model.gguf", dtype="q8_0")
+    reader = gguf.GGUFReader(path)
+    ours = gguf_tensors(model)
+    q8_0 = gguf.GGMLQuantizationType.Q8_0
+    kinds = {}
+    for t in reader.tensors:
+        want = ours[t.name].numpy()
+        kinds[t.name] = t.tensor_type
+        got = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(want.shape)
+        if t.tensor_type != q8_0:
+            assert np.array_equal(got, want), t.name
+            continue
+        blocks = want.reshape(-1, 32)
+        step = np.abs(blocks).max(axis=1, keepdims=True) / 127
+        err = np.abs(got.reshape(-1, 32) - blocks)
+        assert (err <= step * (0.5 + 127 * 2**-11) + 1e-8).all(), t.name
+        assert err.max() > 0, t.name  # quantised, not stored as is
+    matrices = {name for name, t in ours.items() if t.dim() == 2} - {"position_embd.weight"}
+    assert {n for n, k in kinds.items() if k == q8_0} == matrices
+    assert kinds["position_embd.weight"] == gguf.GGMLQuantizationType.F32
+    file_type = reader.fields["general.file_type"]
+    assert int(file_type.parts[file_type.data[0]][0]) == gguf.LlamaFileType.MOSTLY_Q8_0
