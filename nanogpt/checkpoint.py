@@ -4,7 +4,8 @@
 A checkpoint is a dict (training_checkpoint writes it):
     model           state_dict (never with torch.compile's `_orig_mod.` prefix)
     model_args      GPTConfig fields
-    tokenizer       the tokenizer's meta (a char vocabulary included), so sampling needs no data folder
+    tokenizer       the tokenizer's meta (a char vocabulary included), so sampling needs no data folder;
+                    a chat-trained model's also holds its "chat_template" (nanogpt/chat/template.py)
     config          the training config it was made with
     iter_num, best_val_loss, train_time, elapsed_s
     optimizer, scaler, rng, loader   (training state for exact resume)
