@@ -338,10 +338,12 @@ class Api:
             await asyncio.wait((reply, gone), return_when=asyncio.FIRST_COMPLETED)
         finally:
             gone.cancel()
-            if not reply.done():
-                reply.cancel()
+            if not reply.done():  # the client left (or this handler was cancelled): stop decoding for it
                 job.cancelled = True
-        return JSONResponse(reply.result()) if not reply.cancelled() else Response(status_code=499)
+                reply.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reply
+        return Response(status_code=499) if reply.cancelled() else JSONResponse(reply.result())
 
     async def stream(
         self, job: Job, answer: Answer, with_usage: bool, with_logprobs: bool
