@@ -12,7 +12,11 @@ import ast
 import dataclasses
 import difflib
 import functools
+import inspect
+import io
 import math
+import textwrap
+import tokenize
 import types
 import typing
 from collections.abc import Iterable
@@ -215,13 +219,43 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def help_text(cls: type, title: str) -> str:
-    """One line per option: name, type, default (the dataclass is the documentation)."""
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """Each field's comment in the dataclass's source, as one line: the comment on its own line(s), else
+    the block of comment lines right above it; fields without either are left out."""
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):  # no source file (a frozen build, a class made at run time)
+        return {}
+    comments = {
+        tok.start[0]: tok.string.lstrip("#").strip()
+        for tok in tokenize.generate_tokens(io.StringIO(source).readline)
+        if tok.type == tokenize.COMMENT
+    }
+    lines = source.splitlines()
+    docs = {}
+    for node in ast.parse(source).body[0].body:
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+            continue
+        own = [comments[n] for n in range(node.lineno, node.end_lineno + 1) if n in comments]
+        above, n = [], node.lineno - 1
+        while n in comments and lines[n - 1].lstrip().startswith("#"):
+            above.insert(0, comments[n])
+            n -= 1
+        if own or above:
+            docs[node.target.id] = " ".join(own or above)
+    return docs
+
+
+def help_text(cls: type, title: str, values: Any = None) -> str:
+    """One line per option: name, value, type and what it does (the dataclass is the documentation).
+    The values are `values`'s (an instance of cls, e.g. a preset's), else cls's defaults."""
+    values = values if values is not None else cls()
     lines = [title, "", "options (--key=value):"]
-    types_ = _field_types(cls)
+    types_, docs = _field_types(cls), field_docs(cls)
     for f in dataclasses.fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        lines.append(f"  --{f.name}={default!r}  ({_type_name(types_[f.name])})")
+        option = f"  --{f.name}={getattr(values, f.name)!r}  ({_type_name(types_[f.name])})"
+        lines.append(f"{option}  {docs[f.name]}" if f.name in docs else option)
     return "\n".join(lines)
 
 

@@ -208,7 +208,11 @@ def given_keys(argv: list[str]) -> set[str]:
     return set(overrides) | {key for name in positionals[:1] for key in read_preset(name)}
 
 
-def train_help() -> str:
-    usage = "usage: nanogpt train [PRESET | --config FILE.toml] [--key=value ...]"
+def train_help(argv: list[str]) -> str:
+    """The options with the values `nanogpt train ARGV` runs with: a preset's, not TrainConfig's defaults."""
+    asked = [arg for arg in argv if arg not in ("-h", "--help")]
+    usage = "usage: nanogpt train [PRESET | --config FILE.toml] [--key=value ...]\nvalues: " + (
+        " ".join(asked) if asked else "the defaults (GPT-2 124M on OpenWebText)"
+    )
     presets = f"presets: {', '.join(preset_names())}   (nanogpt/train/presets/*.toml)"
-    return f"{help_text(TrainConfig, usage)}\n\n{presets}"
+    return f"{help_text(TrainConfig, usage, load_train_config(asked))}\n\n{presets}"

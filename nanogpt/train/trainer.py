@@ -72,7 +72,7 @@ FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 def main(argv: list[str]) -> int:
     if "-h" in argv or "--help" in argv:
-        print(train_help())
+        print(train_help(argv))
         return 0
     cfg, given = load_train_config(argv), given_keys(argv)
     if cfg.init_from != "resume" and "dataset" not in given and not cfg.sft_data:
