@@ -20,6 +20,7 @@ COMMANDS = {
     "experiment": ("nanogpt.experiment", "several seeds x several datasets -> a table of results"),
     "export": ("nanogpt.export", "a model as a HF folder, a GGUF file (llama.cpp) or a merged checkpoint"),
     "serve": ("nanogpt.serve.main", "OpenAI-compatible HTTP server with batched decoding and a playground"),
+    "chat": ("nanogpt.chat.main", "talk to a chat-trained model (nanogpt train sft) in the terminal"),
 }
 # the shell's code for a process that wrote into a closed pipe (128 + SIGPIPE), as `cat file | head` gives
 BROKEN_PIPE = 141
