@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from nanogpt.data.bpe import write_hf_tokenizer
+from nanogpt.data.tokenizers import GPT2_EOT
 from nanogpt.errors import NanoGPTError
 from nanogpt.model import GPT, GPTConfig
 
@@ -19,7 +20,6 @@ PRETRAINED = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 # HF's GPT-2 uses Conv1D layers, whose weights are stored (in, out): these four are transposed
 TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 # HF activation name -> nn.GELU(approximate=...)
-EOT = 50256  # GPT-2's <|endoftext|> id
 GELU_OF_HF = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}
 
 
@@ -143,8 +143,8 @@ def hf_config(cfg: GPTConfig, **extra):
         layer_norm_epsilon=1e-5,
         tie_word_embeddings=True,
         # GPT-2's <|endoftext|> where the vocabulary has it (a char model has none)
-        bos_token_id=EOT if cfg.vocab_size > EOT else None,
-        eos_token_id=EOT if cfg.vocab_size > EOT else None,
+        bos_token_id=GPT2_EOT if cfg.vocab_size > GPT2_EOT else None,
+        eos_token_id=GPT2_EOT if cfg.vocab_size > GPT2_EOT else None,
         **extra,
     )
 

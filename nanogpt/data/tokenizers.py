@@ -183,6 +183,9 @@ class ByteTokenizer:
         return {"name": self.name}
 
 
+# OpenAI's GPT-2 BPE: 50,257 tokens, the last <|endoftext|> (a model pads its vocabulary to 50,304)
+GPT2_VOCAB_SIZE = 50257
+GPT2_EOT = 50256
 # tiktoken's expected sha256 of OpenAI's GPT-2 files (tiktoken_ext/openai_public.py)
 GPT2_FILE_SHA256 = {
     "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
@@ -226,10 +229,10 @@ def _gpt2_encoding():
     )
     return tiktoken.Encoding(
         name="gpt2",
-        explicit_n_vocab=50257,
+        explicit_n_vocab=GPT2_VOCAB_SIZE,
         pat_str=r50k_pat_str,
         mergeable_ranks=ranks,
-        special_tokens={ENDOFTEXT: 50256},
+        special_tokens={ENDOFTEXT: GPT2_EOT},
     )
 
 
@@ -271,8 +274,8 @@ class GPT2Tokenizer(_TiktokenBPE):
     """OpenAI's GPT-2 BPE through tiktoken."""
 
     name = "gpt2"
-    vocab_size = 50257
-    eot = 50256
+    vocab_size = GPT2_VOCAB_SIZE
+    eot = GPT2_EOT
 
     def __init__(self) -> None:
         self._enc = _gpt2_encoding()
@@ -298,7 +301,7 @@ ENDOFTEXT = "<|endoftext|>"
 # ChatML's turn markers (nanogpt/chat/template.py): reserved in every trained BPE, and placed in GPT-2's
 # padded vocabulary (50257 -> 50304) at its first unused ids, so chat fine-tuning adds no embedding rows
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
-GPT2_CHAT_TOKENS = {IM_START: 50257, IM_END: 50258}
+GPT2_CHAT_TOKENS = {IM_START: GPT2_VOCAB_SIZE, IM_END: GPT2_VOCAB_SIZE + 1}
 BPE_FORMAT = "nanogpt-bpe"  # the "format" of a trained BPE's JSON (see nanogpt/data/bpe.py), version:
 BPE_VERSION = 1
 

@@ -14,13 +14,12 @@ from nanogpt.checkpoint import (
     model_from_checkpoint,
     peek_checkpoint,
 )
+from nanogpt.data.tokenizers import GPT2_VOCAB_SIZE
 from nanogpt.errors import NanoGPTError
 from nanogpt.lora import LoRAConfig, apply_lora, lora_entry, weights_sha256
 from nanogpt.model import ARCHITECTURE, GPT, GPTConfig, padded_vocab_size
 from nanogpt.options import set_fields
 from nanogpt.train.config import TrainConfig
-
-GPT2_VOCAB_SIZE = 50257  # BPE tokens of OpenAI's GPT-2
 
 # the model's shape as a TrainConfig spells it (dropout is not shape: it may change on resume)
 SHAPE_KEYS = tuple(
