@@ -529,3 +529,79 @@ def test_a_host_that_does_not_resolve_is_named():
     with pytest.raises(NanoGPTError, match=r"--host=no.such.host.invalid: no such host") as e:
         bind("no.such.host.invalid", 0)
     assert "--port" not in str(e.value)  # it said "pick another --port"
+
+
+LM_EVAL_TASK = """
+task: nanogpt_served_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {items}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{context}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{label}}}}"
+metric_list:
+  - metric: acc
+"""
+
+
+def lm_eval_items(n: int) -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    words = ["the", "king", "queen", "said", "to", "be", "or", "not", "ROMEO", "love", "night", "sword"]
+
+    def phrase(k: int) -> str:
+        return " ".join(words[int(i)] for i in torch.randint(len(words), (k,), generator=g))
+
+    return [
+        {"context": phrase(6), "choices": [phrase(2) for _ in range(4)], "label": i % 4} for i in range(n)
+    ]
+
+
+def scored_in_process(model_dir: Path, context: str, continuation: str) -> tuple[float, bool]:
+    """The test's own scorer: (sum of the continuation's log-probs, whether each was the argmax)."""
+    model, tok = loaded(model_dir)
+    ctx, cont = tok.encode(context), tok.encode(continuation)
+    with torch.no_grad():
+        logits, _ = model(torch.tensor([ctx + cont]), torch.tensor([ctx + cont]))
+    logprobs = torch.log_softmax(logits[0, len(ctx) - 1 : -1].float(), dim=-1)
+    picked = logprobs[torch.arange(len(cont)), torch.tensor(cont)]
+    return float(picked.sum()), bool((logprobs.argmax(-1) == torch.tensor(cont)).all())
+
+
+@pytest.mark.slow
+def test_lm_eval_local_completions_scores_as_in_process(server, model_dir, tmp_path):
+    """lm-evaluation-harness's `local-completions` model against the server (its remote tokenizer:
+    /tokenizer_info, /tokenize), a 0-shot multiple-choice task of 100 local JSONL items: every item's
+    log-likelihoods (1e-4), greediness and accuracy equal the test's own forward-pass scorer."""
+    lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is not installed")
+    pytest.importorskip("tenacity", reason="lm-eval's API models need its [api] extra")
+    from lm_eval.tasks import TaskManager
+
+    items = lm_eval_items(100)
+    (tmp_path / "items.jsonl").write_text("".join(json.dumps(item) + "\n" for item in items))
+    (tmp_path / "task.yaml").write_text(LM_EVAL_TASK.format(items=tmp_path / "items.jsonl"))
+    name = httpx.get(f"{server.url}/v1/models").json()["data"][0]["id"]
+    args = (
+        f"base_url={server.url}/v1/completions,model={name},tokenizer_backend=remote,tokenized_requests=True"
+    )
+    results = lm_eval.simple_evaluate(
+        model="local-completions",
+        model_args=args,
+        tasks=["nanogpt_served_mc"],
+        task_manager=TaskManager(include_path=str(tmp_path)),
+        num_fewshot=0,
+        log_samples=True,
+    )
+    samples = sorted(results["samples"]["nanogpt_served_mc"], key=lambda s: s["doc_id"])
+    assert len(samples) == 100
+    for sample in samples:
+        item = items[sample["doc_id"]]
+        ours = [scored_in_process(model_dir, item["context"], " " + c) for c in item["choices"]]
+        theirs = [tuple(r[0]) for r in sample["resps"]]
+        for (ll, greedy), (their_ll, their_greedy) in zip(ours, theirs, strict=True):
+            assert abs(ll - their_ll) < 1e-4 and greedy == their_greedy, sample["doc_id"]
+        best = max(range(4), key=lambda i: ours[i][0])
+        assert sample["acc"] == float(best == item["label"])
+    print("lm-eval acc", results["results"]["nanogpt_served_mc"]["acc,none"])

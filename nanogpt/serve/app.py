@@ -4,6 +4,7 @@
     GET  /health                503 while the model loads (or if decoding stopped), then 200
     GET  /metrics               Prometheus' text format: requests, tokens, batch size, latencies
     GET  /v1/models             the model: id, context length, parameter count, tokenizer
+    GET  /tokenizer_info, POST /tokenize, POST /detokenize   vLLM's tokenizer endpoints (lm-eval uses them)
     POST /v1/completions        prompt -> text; stream=true: Server-Sent Events in OpenAI's chunk format
     POST /v1/chat/completions   messages (rendered with a plain template: see protocol.py) -> a reply
 
@@ -37,8 +38,10 @@ from nanogpt.serve.protocol import (
     ApiError,
     ChatRequest,
     CompletionRequest,
+    DetokenizeRequest,
     Options,
     Reply,
+    TokenizeRequest,
     TokenText,
     chat_logprobs,
     check_completion_count,
@@ -526,6 +529,36 @@ def add_routes(app: FastAPI, api: Api) -> None:
     async def models(request: Request) -> dict:
         state.authorize(request)
         return {"object": "list", "data": [api.model_card()]}
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info(request: Request) -> dict:
+        state.authorize(request)
+        served = state.ready()
+        eot = served.tokenizer.eot
+        return {
+            "tokenizer_class": served.tokenizer.name,
+            "eos_token": None if eot is None else served.tokenizer.decode([eot]),
+            "bos_token": None,
+            "pad_token": None,
+            "model_max_length": served.model.config.block_size,
+        }
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> dict:
+        state.authorize(request)
+        body = parse(TokenizeRequest, await read_json(request, state.settings.max_body_bytes))
+        tokens = api.encode(body.prompt, "prompt") if body.prompt else []
+        return {
+            "tokens": tokens,
+            "count": len(tokens),
+            "max_model_len": state.ready().model.config.block_size,
+        }
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> dict:
+        state.authorize(request)
+        body = parse(DetokenizeRequest, await read_json(request, state.settings.max_body_bytes))
+        return {"prompt": state.ready().tokenizer.decode(api.token_ids(body.tokens, "tokens"))}
 
     @app.post("/v1/completions")
     async def completions(request: Request):

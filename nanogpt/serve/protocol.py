@@ -83,7 +83,20 @@ class ChatRequest(_Request):
     top_logprobs: int | None = None  # 0..20, with logprobs
 
 
-def parse(cls: type[_Request], body: Any) -> _Request:
+class TokenizeRequest(BaseModel):
+    """vLLM's POST /tokenize (what lm-evaluation-harness's remote tokenizer calls)."""
+
+    model_config = ConfigDict(extra="allow")
+    prompt: str
+    add_special_tokens: bool = False  # nanoGPT's tokenizers add none
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    tokens: list[int]
+
+
+def parse(cls: type[BaseModel], body: Any) -> BaseModel:
     """A request body -> cls, or ApiError 422 naming the first field that does not fit."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
@@ -93,7 +106,7 @@ def parse(cls: type[_Request], body: Any) -> _Request:
         first = e.errors()[0]
         param = str(first["loc"][0]) if first["loc"] else None
         raise ApiError(422, f"{param}: {first['msg']}", param, "invalid_value") from None
-    for name in UNSUPPORTED:
+    for name in UNSUPPORTED if isinstance(request, _Request) else ():
         if (request.model_extra or {}).get(name):
             raise ApiError(400, f"{name} is not supported by this server", name, "unsupported_parameter")
     return request
