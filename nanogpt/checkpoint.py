@@ -25,10 +25,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from nanogpt.data.tokenizers import get_tokenizer, tokenizer_from_meta
 from nanogpt.device import device_type
 from nanogpt.errors import NanoGPTError
 from nanogpt.files import atomic_open
+from nanogpt.from_nanogpt import is_nanogpt_checkpoint, nanogpt_tokenizer
+from nanogpt.hf import PRETRAINED
+from nanogpt.lora import adapt_base, merge_lora
 from nanogpt.model import GPT, GPTConfig
+from nanogpt.perf import compile_options
 
 CKPT_NAME = "ckpt.pt"
 # a run that keeps only its best model in ckpt.pt (always_save_checkpoint=false) saves its state here
@@ -149,8 +154,6 @@ def model_from_checkpoint(ckpt: dict[str, Any], **overrides: Any) -> GPT:
     """The checkpoint's model (a LoRA run's: its base with its adapters); overrides change GPTConfig
     fields that do not shape weights (dropout)."""
     if ckpt.get("lora"):
-        from nanogpt.lora import adapt_base
-
         source = ckpt["lora"]["base"]
         if not is_hf_source(source) and not checkpoint_path(source).is_file():
             raise NanoGPTError(
@@ -176,8 +179,6 @@ def model_from_checkpoint(ckpt: dict[str, Any], **overrides: Any) -> GPT:
 def is_hf_source(source: str | Path) -> bool:
     """A GPT-2 name or a local HF GPT-2 folder (weights beside config.json: a training out_dir has a
     config.json too, its training config)."""
-    from nanogpt.hf import PRETRAINED
-
     path = Path(source)
     hf_weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
     return str(source) in PRETRAINED or (
@@ -191,8 +192,6 @@ def base_model(source: str, block_size: int = 0, **overrides: Any) -> GPT:
     if is_hf_source(source):
         model = GPT.from_pretrained(str(source), overrides)
     else:
-        from nanogpt.lora import merge_lora
-
         model = merge_lora(model_from_checkpoint(load_checkpoint(source), **overrides))
     if 0 < block_size < model.config.block_size:
         model.crop_block_size(block_size)  # model surgery: a shorter context
@@ -232,9 +231,6 @@ def load_model(source: str | Path, device: str | torch.device = "cpu", meta: str
     adapters, or karpathy/nanoGPT's: `meta` is its dataset's meta.pkl, found as nanoGPT does if not
     given), a GPT-2 name or a local HF GPT-2 folder (GPT-2 BPE tokenizer). The model is in eval mode on
     `device`."""
-    from nanogpt.data.tokenizers import get_tokenizer, tokenizer_from_meta
-    from nanogpt.from_nanogpt import is_nanogpt_checkpoint, nanogpt_tokenizer
-
     if is_hf_source(source):
         model = GPT.from_pretrained(str(source))
         tokenizer = get_tokenizer("gpt2")
@@ -256,8 +252,6 @@ def load_model(source: str | Path, device: str | torch.device = "cpu", meta: str
 
 def describe_tokenizer(tokenizer: dict) -> str:
     """A tokenizer's meta (as checkpoints and meta.json hold it) in a few words: kind and vocabulary size."""
-    from nanogpt.data.tokenizers import tokenizer_from_meta
-
     try:
         size = tokenizer_from_meta(tokenizer).vocab_size
     except (NanoGPTError, KeyError, TypeError, ValueError):  # a damaged or foreign meta still gets named
@@ -273,8 +267,6 @@ def model_source(init_from: str, out_dir: str) -> str:
 def load_for_inference(source: str, device: str, compile: bool, meta: str = "") -> tuple[GPT, Any]:
     """(model, tokenizer) in eval mode on `device`, compiled in place if asked (so every method that
     calls the model, and the decoding engine, use the compiled forward). meta: a nanoGPT meta.pkl."""
-    from nanogpt.perf import compile_options
-
     model, tokenizer = load_model(source, device, meta)
     if compile:
         model.compile(options=compile_options(device))

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from nanogpt.checkpoint import load_model, resume_path
+from nanogpt.data.prepare import DATASETS
 from nanogpt.device import resolve_device
 from nanogpt.errors import NanoGPTError
 from nanogpt.files import atomic_open, write_text_atomic
@@ -135,8 +136,6 @@ def read_json(path: Path) -> Any:
 
 def check_datasets(base: TrainConfig, names: list[str]) -> None:
     """Every dataset of the experiment is known or prepared, checked before the first run trains."""
-    from nanogpt.data.prepare import DATASETS
-
     missing = [
         n for n in names if n not in DATASETS and not (Path(base.data_dir) / n / "meta.json").is_file()
     ]

@@ -42,7 +42,7 @@ class ExportConfig:
     dtype: Literal["float32", "float16", "bfloat16"] = "float16"  # gguf only: the matrices' dtype
 
 
-def merged_checkpoint(model: GPT, tokenizer: Any, source: str) -> dict[str, Any]:
+def inference_checkpoint(model: GPT, tokenizer: Any, source: str) -> dict[str, Any]:
     """An inference checkpoint of ours (no optimizer state: fine-tune from it, do not resume it): the
     model, its tokenizer, and the training config / iteration of the source checkpoint if it has them."""
     ckpt = {} if is_hf_source(source) else peek_checkpoint(source)  # its weights are in `model` already
@@ -73,7 +73,7 @@ def export(cfg: ExportConfig) -> Path:
     if cfg.format == "ckpt":
         if Path(cfg.to).resolve() == checkpoint_path(source).parent.resolve():
             raise NanoGPTError(f"--to={cfg.to} is the source's own folder: give another one")
-        return save_checkpoint(merged_checkpoint(model, tokenizer, source), cfg.to)
+        return save_checkpoint(inference_checkpoint(model, tokenizer, source), cfg.to)
     from nanogpt.gguf_export import write_gguf
 
     if model.config.gelu_approximate != "tanh":

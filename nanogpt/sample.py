@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, TextIO, TypeVar
+from typing import Any, TextIO
 
 import torch
 
@@ -23,8 +23,6 @@ from nanogpt.model import GPT
 from nanogpt.options import parse_options
 from nanogpt.processes import exits_on_sigterm
 from nanogpt.quantization import check_quantize, quantized
-
-C = TypeVar("C")
 
 
 @dataclass
