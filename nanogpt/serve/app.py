@@ -478,6 +478,7 @@ def create_app(load: Callable[[], Served], settings: Settings | None = None) -> 
     app.state.nanogpt = state
     add_error_handlers(app)
     add_routes(app, api)
+    add_tokenizer_routes(app, api)
     app.add_middleware(CountRequests, metrics=state.metrics)
     return app
 
@@ -530,6 +531,31 @@ def add_routes(app: FastAPI, api: Api) -> None:
         state.authorize(request)
         return {"object": "list", "data": [api.model_card()]}
 
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        state.authorize(request)
+        body = parse(CompletionRequest, await read_json(request, state.settings.max_body_bytes))
+        served = api.check_model(body.model)
+        check_completion_count(body, state.settings.max_n, state.settings.max_waiting)
+        return await api.answer(request, body, Reply("completion", served.name), api.prompts_of(body))
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        state.authorize(request)
+        body = parse(ChatRequest, await read_json(request, state.settings.max_body_bytes))
+        served = api.check_model(body.model)
+        check_completion_count(body, state.settings.max_n, state.settings.max_waiting)
+        if hasattr(served.tokenizer, "template"):  # a chat model: its template, its end of turn
+            prompts = [render_chat_ids(body.messages, served.tokenizer)]
+        else:
+            prompts = [api.encode(render_chat(body.messages), "messages")]
+        return await api.answer(request, body, Reply("chat", served.name), prompts)
+
+
+def add_tokenizer_routes(app: FastAPI, api: Api) -> None:
+    """vLLM's tokenizer endpoints: lm-evaluation-harness's `local-completions` tokenizes through them."""
+    state = api.state
+
     @app.get("/tokenizer_info")
     async def tokenizer_info(request: Request) -> dict:
         state.authorize(request)
@@ -559,23 +585,3 @@ def add_routes(app: FastAPI, api: Api) -> None:
         state.authorize(request)
         body = parse(DetokenizeRequest, await read_json(request, state.settings.max_body_bytes))
         return {"prompt": state.ready().tokenizer.decode(api.token_ids(body.tokens, "tokens"))}
-
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        state.authorize(request)
-        body = parse(CompletionRequest, await read_json(request, state.settings.max_body_bytes))
-        served = api.check_model(body.model)
-        check_completion_count(body, state.settings.max_n, state.settings.max_waiting)
-        return await api.answer(request, body, Reply("completion", served.name), api.prompts_of(body))
-
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request):
-        state.authorize(request)
-        body = parse(ChatRequest, await read_json(request, state.settings.max_body_bytes))
-        served = api.check_model(body.model)
-        check_completion_count(body, state.settings.max_n, state.settings.max_waiting)
-        if hasattr(served.tokenizer, "template"):  # a chat model: its template, its end of turn
-            prompts = [render_chat_ids(body.messages, served.tokenizer)]
-        else:
-            prompts = [api.encode(render_chat(body.messages), "messages")]
-        return await api.answer(request, body, Reply("chat", served.name), prompts)
