@@ -679,3 +679,13 @@ def test_metrics_in_prometheus_text_format(char_model):
         assert "# TYPE nanogpt_time_to_first_token_seconds histogram" in text
     finally:
         client.__exit__(None, None, None)
+
+
+def test_tokenizer_endpoints_are_vllms(client, char_model):
+    _, tok = char_model
+    info = client.get("/tokenizer_info").json()
+    assert info["tokenizer_class"] == "char" and info["model_max_length"] == CONTEXT
+    tokens = client.post("/tokenize", json={"prompt": "Hi there"}).json()
+    assert tokens["tokens"] == tok.encode("Hi there") and tokens["count"] == 8
+    assert client.post("/detokenize", json={"tokens": tokens["tokens"]}).json() == {"prompt": "Hi there"}
+    assert client.post("/detokenize", json={"tokens": [999]}).json()["error"]["param"] == "tokens"
