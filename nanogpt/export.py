@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from nanogpt.chat.template import chat_tokenizer
 from nanogpt.checkpoint import (
+    CKPT_NAME,
     checkpoint_path,
     is_hf_source,
     load_model,
@@ -39,7 +40,7 @@ class ExportConfig:
         "hf"  # hf: a transformers folder; gguf: one llama.cpp file; ckpt: ours
     )
     to: str = ""  # where to write: a folder (hf, ckpt) or a .gguf file
-    dtype: Literal["float32", "float16", "bfloat16"] = "float16"  # gguf only: the matrices' dtype
+    dtype: str = ""  # the weights' dtype, float32 | float16 | bfloat16; "": gguf float16, hf float32 (ckpt: float32 only)
 
 
 def inference_checkpoint(model: GPT, tokenizer: Any, source: str) -> dict[str, Any]:
@@ -53,14 +54,72 @@ def inference_checkpoint(model: GPT, tokenizer: Any, source: str) -> dict[str, A
         "config": ckpt.get("config") or {},
         "iter_num": ckpt.get("iter_num", 0),
         "best_val_loss": float(ckpt.get("best_val_loss", float("inf"))),
+        "exported_from": str(source),  # marks it as an export: a later export may replace it
     }
+
+
+def _source_folder(source: str) -> Path | None:
+    """The folder the model is read from (a run's out_dir, a HF folder); None for a hub name."""
+    if is_hf_source(source):
+        return Path(source).resolve() if Path(source).is_dir() else None
+    return checkpoint_path(source).parent.resolve()
+
+
+def check_target(cfg: ExportConfig, source: str) -> Path:
+    """--to, refused where writing it would replace what export did not write: the source's own folder or
+    one holding it, a file where a folder goes, another run's ckpt.pt, a file that is not a GGUF."""
+    if not cfg.to:
+        raise NanoGPTError("give --to=PATH: the folder (hf, ckpt) or .gguf file to write")
+    to = Path(cfg.to).resolve()
+    folder = _source_folder(source)
+    if cfg.format != "gguf" and folder is not None and (to == folder or folder.is_relative_to(to)):
+        raise NanoGPTError(
+            f"--to={cfg.to} is {'the source' if to == folder else 'a folder holding the source'} {folder}: "
+            "give another folder"
+        )
+    if cfg.format == "hf":
+        from nanogpt.hf import check_export_folder
+
+        check_export_folder(to)
+    elif cfg.format == "ckpt":
+        if to.exists() and not to.is_dir():
+            raise NanoGPTError(f"--to={cfg.to} is a file, not a folder: give a folder for the checkpoint")
+        if (to / CKPT_NAME).is_file() and "exported_from" not in peek_checkpoint(to):
+            raise NanoGPTError(
+                f"--to={cfg.to} holds another run's {CKPT_NAME} (not an export): nothing is replaced; give a "
+                "new folder"
+            )
+    elif to.is_dir() or (to.exists() and not _is_gguf(to)):
+        what = "a folder" if to.is_dir() else "a file that is not GGUF"
+        raise NanoGPTError(f"--to={cfg.to} is {what}: nothing is replaced; give a new .gguf path")
+    return to
+
+
+def _is_gguf(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return path.is_file() and f.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
+def _save_merged(ckpt: dict[str, Any], to: Path) -> Path:
+    """save_checkpoint into `to`; a failed save leaves no folder it made."""
+    made = not to.exists()
+    try:
+        return save_checkpoint(ckpt, to)
+    except BaseException:
+        if made and to.is_dir() and not any(to.iterdir()):
+            to.rmdir()
+        raise
 
 
 def export(cfg: ExportConfig) -> Path:
     """Write the model cfg names in cfg.format at cfg.to; returns what was written."""
-    if not cfg.to:
-        raise NanoGPTError("give --to=PATH: the folder (hf, ckpt) or .gguf file to write")
     source = model_source(cfg.init_from, cfg.out_dir)
+    to = check_target(cfg, source)
+    if cfg.format == "ckpt" and cfg.dtype not in ("", "float32"):
+        raise NanoGPTError(f"--dtype={cfg.dtype}: a checkpoint of ours holds float32 weights (drop --dtype)")
     model, tokenizer = load_model(source, "cpu", cfg.meta)
     tokenizer = chat_tokenizer(source, tokenizer)  # a chat model's template travels into every format
     if has_lora(model):
@@ -69,11 +128,9 @@ def export(cfg: ExportConfig) -> Path:
     if cfg.format == "hf":
         from nanogpt.hf import export as hf_export
 
-        return hf_export(model, cfg.to, tokenizer)
+        return hf_export(model, to, tokenizer, cfg.dtype or "float32")
     if cfg.format == "ckpt":
-        if Path(cfg.to).resolve() == checkpoint_path(source).parent.resolve():
-            raise NanoGPTError(f"--to={cfg.to} is the source's own folder: give another one")
-        return save_checkpoint(inference_checkpoint(model, tokenizer, source), cfg.to)
+        return _save_merged(inference_checkpoint(model, tokenizer, source), to)
     from nanogpt.gguf_export import write_gguf
 
     if model.config.gelu_approximate != "tanh":
@@ -82,7 +139,7 @@ def export(cfg: ExportConfig) -> Path:
             "logits differ slightly (tests/test_export.py measures it)",
             file=sys.stderr,
         )
-    return write_gguf(model, tokenizer, cfg.to, cfg.dtype, name=Path(source).name)
+    return write_gguf(model, tokenizer, to, cfg.dtype or "float16", name=Path(source).name)
 
 
 def main(argv: list[str]) -> int:

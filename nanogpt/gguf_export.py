@@ -11,6 +11,7 @@ converter writes them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,10 @@ from nanogpt.hf import require_gpt2
 from nanogpt.model import GPT, GPTConfig
 
 DTYPES = ("float32", "float16", "bfloat16", "q8_0")
-# llama.cpp's pre-tokenizer of each of our split patterns ("llama-bpe" is LLaMA 3's, which is GPT-4's)
-PRE_TOKENIZER = {"gpt2": "gpt-2"}
+# llama.cpp's pre-tokenizer of each of our split patterns. "llama-bpe" is LLaMA 3's split, GPT-4's
+# (cl100k) without its `\s++$` branch: the two differ only on whitespace that ends the text and holds a
+# newline before a space or tab ("a\n " is "a", "\n " to us and "a", "\n", " " to llama.cpp).
+PRE_TOKENIZER = {"gpt2": "gpt-2", "gpt4": "llama-bpe"}
 # our parameter name in a block -> llama.cpp's
 BLOCK_TENSORS = {
     "ln_1": "attn_norm",
@@ -88,7 +91,7 @@ def vocabulary(tokenizer: Any, vocab_size: int) -> tuple[list[str], list[str], l
     if pattern not in PRE_TOKENIZER:
         raise NanoGPTError(
             f"the tokenizer splits text with the {pattern!r} pattern, for which no llama.cpp pre-tokenizer is "
-            "checked here (only GPT-2's): export it with --format=hf or --format=ckpt"
+            f"checked here (only {', '.join(PRE_TOKENIZER)}): export it with --format=hf or --format=ckpt"
         )
     from nanogpt.data.bpe import hf_tokenizer
 
@@ -143,39 +146,52 @@ def write_gguf(model: GPT, tokenizer: Any, path: str | Path, dtype: str = "float
         raise NanoGPTError(f"GGUF dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     cfg = model.config
     require_gpt2(cfg, "GGUF's gpt2 architecture")
-    tokens, merges, types = vocabulary(tokenizer, cfg.vocab_size)
+    vocab = vocabulary(tokenizer, cfg.vocab_size)  # (tokens, merges, types); refused before any file is made
     gguf = _gguf()
+    path = Path(path)
+    # the writer opens the file by name: it writes atomic_open's temporary, which is renamed on success
+    with atomic_open(path, "wb", durable=True) as f:
+        writer = gguf.GGUFWriter(f.name, arch="gpt2")
+        try:
+            _write_into(writer, gguf, model, tokenizer, vocab, name or path.stem, dtype)
+            writer.close()
+        except BaseException:
+            with contextlib.suppress(Exception):  # a full disk fails the flush too; the file is closed anyway
+                writer.close()
+            raise
+    return path
+
+
+def _write_into(
+    writer: Any, gguf: Any, model: GPT, tokenizer: Any, vocab: tuple, name: str, dtype: str
+) -> None:
+    cfg = model.config
+    tokens, merges, types = vocab
     file_type = {
         "float32": "ALL_F32",
         "float16": "MOSTLY_F16",
         "bfloat16": "MOSTLY_BF16",
         "q8_0": "MOSTLY_Q8_0",
     }[dtype]
-    path = Path(path)
-    # the writer opens the file by name: it writes atomic_open's temporary, which is renamed on success
-    with atomic_open(path, "wb", durable=True) as f:
-        writer = gguf.GGUFWriter(f.name, arch="gpt2")
-        writer.add_name(name or path.stem)
-        writer.add_context_length(cfg.block_size)
-        writer.add_embedding_length(cfg.n_embd)
-        writer.add_feed_forward_length(4 * cfg.n_embd)
-        writer.add_block_count(cfg.n_layer)
-        writer.add_head_count(cfg.n_head)
-        writer.add_layer_norm_eps(1e-5)
-        writer.add_file_type(getattr(gguf.LlamaFileType, file_type))
-        writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre(PRE_TOKENIZER["gpt2"])
-        writer.add_token_list(tokens)
-        writer.add_token_types(types)
-        writer.add_token_merges(merges)
-        if tokenizer.eot is not None:
-            writer.add_bos_token_id(tokenizer.eot)
-            writer.add_eos_token_id(tokenizer.eot)
-        for tensor_name, t in gguf_tensors(model).items():
-            data, raw_dtype = _tensor_data(gguf, tensor_name, t, dtype)
-            writer.add_tensor(tensor_name, data, raw_dtype=raw_dtype)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-    return path
+    writer.add_name(name)
+    writer.add_context_length(cfg.block_size)
+    writer.add_embedding_length(cfg.n_embd)
+    writer.add_feed_forward_length(4 * cfg.n_embd)
+    writer.add_block_count(cfg.n_layer)
+    writer.add_head_count(cfg.n_head)
+    writer.add_layer_norm_eps(1e-5)
+    writer.add_file_type(getattr(gguf.LlamaFileType, file_type))
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(PRE_TOKENIZER[_pattern_name(tokenizer)])
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    if tokenizer.eot is not None:
+        writer.add_bos_token_id(tokenizer.eot)
+        writer.add_eos_token_id(tokenizer.eot)
+    for tensor_name, t in gguf_tensors(model).items():
+        data, raw_dtype = _tensor_data(gguf, tensor_name, t, dtype)
+        writer.add_tensor(tensor_name, data, raw_dtype=raw_dtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()

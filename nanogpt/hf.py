@@ -3,9 +3,9 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,14 @@ import torch
 from nanogpt.data.bpe import write_hf_tokenizer
 from nanogpt.data.tokenizers import GPT2_EOT
 from nanogpt.errors import NanoGPTError
+from nanogpt.files import (
+    make_folder,
+    normal_modes,
+    remove_stale_folders,
+    temporary_folder,
+    write_text_atomic,
+    writing,
+)
 from nanogpt.model import GPT, GPTConfig
 
 PRETRAINED = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
@@ -149,36 +157,111 @@ def hf_config(cfg: GPTConfig, **extra):
     )
 
 
-def export(model: GPT, directory: str | Path, tokenizer: Any = None) -> Path:
-    """Write `model` as a HF GPT-2 folder (config.json + model.safetensors). A model without biases is
-    written with zero biases, which computes the same function. With a byte-level BPE `tokenizer` (GPT-2's
-    or one trained by `nanogpt prepare --tokenizer bpe`; the checkpoint's), also its tokenizer.json, which
-    `transformers.AutoTokenizer` loads and which gives the same ids; characters and bytes have none."""
-    transformers = _transformers()
+EXPORT_MARK = "nanogpt_export.json"  # in every folder export() writes: what a later export may replace
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def check_export_folder(directory: Path) -> None:
+    """Refuse a target that writing there would destroy: a file, or a folder holding anything but an earlier
+    export of ours (EXPORT_MARK in it). A new or empty folder is fine."""
+    if directory.is_symlink() or (directory.exists() and not directory.is_dir()):
+        raise NanoGPTError(f"--to={directory} is a file, not a folder: give a folder for the HF export")
+    if directory.is_dir() and any(directory.iterdir()) and not (directory / EXPORT_MARK).is_file():
+        raise NanoGPTError(
+            f"--to={directory} holds files that are not an earlier `nanogpt export --format=hf` (no "
+            f"{EXPORT_MARK}): nothing is deleted; give a new or empty folder"
+        )
+
+
+def unit_tokenizer(tokenizer: Any):
+    """A `transformers.PreTrainedTokenizerFast` that gives the ids of a tokenizer of single units: characters
+    (a vocabulary of the characters, no merges) or bytes (GPT-2's byte alphabet, no merges). Decoding joins
+    the tokens' text as it is, spaces untouched. (A byte-level BPE's: nanogpt.data.bpe.hf_tokenizer.)"""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers
+    from transformers.convert_slow_tokenizer import bytes_to_unicode  # GPT-2's byte -> printable character
+
+    if tokenizer.name == "char":
+        backend = HFTokenizer(models.BPE(vocab={c: i for i, c in enumerate(tokenizer.chars)}, merges=[]))
+        backend.decoder = decoders.Fuse()
+    elif tokenizer.name == "byte":
+        alphabet = bytes_to_unicode()
+        backend = HFTokenizer(models.BPE(vocab={alphabet[b]: b for b in range(256)}, merges=[]))
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        backend.decoder = decoders.ByteLevel()
+    else:
+        raise NanoGPTError(f"no Hugging Face tokenizer for {tokenizer.name!r} tokens")
+    return _transformers().PreTrainedTokenizerFast(
+        tokenizer_object=backend, clean_up_tokenization_spaces=False
+    )
+
+
+def _hf_model(model: GPT, tokenizer: Any, dtype: str):
+    """transformers' GPT2LMHeadModel holding our weights, in `dtype`. A model without biases gets zero
+    biases, which computes the same function."""
     cfg = model.config
     hf_cfg = hf_config(cfg)
     if tokenizer is not None and tokenizer.eot is not None:  # its <|endoftext|>, wherever its id is
         hf_cfg.bos_token_id = hf_cfg.eos_token_id = tokenizer.eot
-    hf_model = transformers.GPT2LMHeadModel(hf_cfg)
+    hf_model = _transformers().GPT2LMHeadModel(hf_cfg)
     ours = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
-    hf_sd = hf_model.state_dict()
     with torch.no_grad():
-        for k, v in hf_sd.items():
+        for k, v in hf_model.state_dict().items():
             if k in ours:
                 v.copy_(ours[k].t() if k.endswith(TRANSPOSED) else ours[k])
             elif k.endswith(".bias") and not cfg.bias:
                 v.zero_()
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    # write beside the target, then swap in: an interrupted export never leaves a half-written folder
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    return hf_model.to(DTYPES[dtype])
+
+
+def _write_folder(hf_model, tokenizer: Any, folder: Path) -> None:
+    from safetensors import SafetensorError
+
+    bars = _transformers().utils.logging
+    shown = bars.is_progress_bar_enabled()
+    bars.disable_progress_bar()  # a bar for one shard, drawn even when the write fails
     try:
-        hf_model.save_pretrained(tmp, safe_serialization=True)
-        if tokenizer is not None:
-            write_hf_tokenizer(tokenizer, tmp)
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
+        hf_model.save_pretrained(folder, safe_serialization=True)
+    except SafetensorError as e:  # a full disk, among others: writing() tells which
+        raise RuntimeError(str(e)) from None
+    finally:
+        if shown:
+            bars.enable_progress_bar()
+    if tokenizer is not None and not write_hf_tokenizer(tokenizer, folder):  # not a BPE: characters or bytes
+        unit_tokenizer(tokenizer).save_pretrained(str(folder))
+    write_text_atomic(folder / EXPORT_MARK, json.dumps({"written_by": "nanogpt export --format=hf"}) + "\n")
+    normal_modes(folder)
+
+
+def _swap_in(new: Path, directory: Path) -> None:
+    """Put the complete folder `new` where `directory` is (an earlier export, replaced whole)."""
+    if not directory.exists():
+        os.rename(new, directory)
+        return
+    old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+    os.rename(directory, old)
+    os.rename(new, directory)
+    shutil.rmtree(old)
+
+
+def export(model: GPT, directory: str | Path, tokenizer: Any = None, dtype: str = "float32") -> Path:
+    """Write `model` as a HF GPT-2 folder: config.json + model.safetensors (weights in `dtype`), the
+    tokenizer's files for `transformers.AutoTokenizer` (any of ours: characters, bytes, GPT-2, a trained
+    BPE) and EXPORT_MARK. Written beside the target and swapped in whole; the target may only be new,
+    empty, or an earlier export (check_export_folder)."""
+    if dtype not in DTYPES:
+        raise NanoGPTError(f"HF export dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    directory = Path(directory).resolve()  # ".": a name to put the temporary folder beside
+    check_export_folder(directory)
+    hf_model = _hf_model(model, tokenizer, dtype)
+    make_folder(directory.parent)
+    for kind in ("new", "old"):
+        remove_stale_folders(directory, kind)
+    tmp = temporary_folder(directory, "new")
+    try:
+        with writing(directory):
+            _write_folder(hf_model, tokenizer, tmp)
+            _swap_in(tmp, directory)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return directory

@@ -151,4 +151,5 @@ def test_hf_export_writes_the_tokenizer_of_a_bpe_model(tmp_path, bpe):
     hf_model = transformers.GPT2LMHeadModel.from_pretrained(str(folder))
     assert hf_model.config.eos_token_id == bpe.eot == loaded.eos_token_id
     export(model, tmp_path / "chars", tokenizer=tokenizer_from_meta({"name": "char", "chars": "ab"}))
-    assert not (tmp_path / "chars" / "tokenizer.json").exists()  # a character vocabulary has no HF twin
+    chars = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "chars"))  # characters have one too
+    assert chars.encode("abba") == [0, 1, 1, 0] and chars.decode([1, 0]) == "ba"

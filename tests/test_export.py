@@ -5,6 +5,7 @@ GGUF cannot hold."""
 from __future__ import annotations
 
 import os
+import subprocess
 
 import numpy as np
 import pytest
@@ -163,3 +164,136 @@ def test_lora_run_merges_into_a_checkpoint_and_hf(gpt2_run, tmp_path):
     hf = transformers.GPT2LMHeadModel.from_pretrained(hf_dir).eval()
     with torch.no_grad():
         torch.testing.assert_close(hf(idx).logits, expected, atol=1e-5, rtol=0)
+
+
+def _tokenizer(kind: str):
+    from nanogpt.data.bpe import train_bpe
+    from nanogpt.data.tokenizers import ByteTokenizer, CharTokenizer
+
+    if kind == "char":
+        return CharTokenizer("\n !',.:;?" + "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+    if kind == "byte":
+        return ByteTokenizer()
+    if kind == "bpe":
+        return train_bpe(["To be, or not to be: that is the question. Ünïcödé 日本語\n\n  x" * 50], 300)
+    return get_tokenizer("gpt2")
+
+
+@pytest.mark.parametrize("kind", ["char", "byte", "gpt2", "bpe"])
+def test_hf_export_tokenizer_loads_in_transformers_and_generates_our_ids(tmp_path, kind):
+    """Every vocabulary of ours: AutoTokenizer gives our ids and our text back, and `generate` on them
+    (greedy) continues with the tokens our model picks."""
+    transformers = pytest.importorskip("transformers")
+    tok = _tokenizer(kind)
+    torch.manual_seed(4)
+    vocab = 50304 if kind == "gpt2" else -(-tok.vocab_size // 64) * 64
+    model = GPT(GPTConfig(block_size=64, vocab_size=vocab, n_layer=1, n_head=2, n_embd=16)).eval()
+    our_checkpoint(tmp_path / "run", model, tok)
+    assert (
+        cli_main(["export", f"--out_dir={tmp_path / 'run'}", "--format=hf", f"--to={tmp_path / 'hf'}"]) == 0
+    )
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    text = "ROMEO: to be, or not to be!\n\n  that is it. " + ("" if kind == "char" else "Ünïcödé 日本語\t")
+    ids = tok.encode(text)
+    assert hf_tok.encode(text) == ids
+    assert hf_tok.decode(ids) == tok.decode(ids) == text
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    prompt = hf_tok(text[:12], return_tensors="pt")
+    out = hf.generate(**prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    idx = torch.tensor([ids[: prompt["input_ids"].shape[1]]])
+    with torch.no_grad():
+        for _ in range(6):
+            idx = torch.cat([idx, model(idx)[0][:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert out.tolist() == idx.tolist()
+
+
+def test_hf_export_never_deletes_what_it_did_not_write(tmp_path, gpt2_run, capsys):
+    """A folder holding anything but an earlier export, the source run or a folder holding it, a file:
+    refused with one line, every file as it was. An earlier export (its mark) is replaced."""
+    folder, _ = gpt2_run
+    run = tmp_path / "sandbox" / "model"
+    run.mkdir(parents=True)
+    (run / "ckpt.pt").write_bytes((folder / "ckpt.pt").read_bytes())
+    (tmp_path / "sandbox" / "keep").mkdir()
+    (tmp_path / "sandbox" / "keep" / "a.txt").write_text("mine")
+    (tmp_path / "sandbox" / "b.txt").write_text("mine too")
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    export_hf = ["export", f"--out_dir={run}", "--format=hf"]
+    for to, message in [
+        (tmp_path / "sandbox", "holding the source"),
+        (run, "is the source"),
+        (tmp_path / "sandbox" / "keep", "not an earlier `nanogpt export"),
+        (tmp_path / "sandbox" / "b.txt", "is a file"),
+    ]:
+        assert cli_main([*export_hf, f"--to={to}"]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+    assert cli_main([*export_hf, f"--to={tmp_path / 'hf'}", "--dtype=bfloat16"]) == 0
+    assert cli_main([*export_hf, f"--to={tmp_path / 'hf'}", "--dtype=float16"]) == 0  # replaces its own
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf")
+    assert hf.transformer.wte.weight.dtype == torch.float16  # --dtype applied
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    mode = 0o777 & ~(os.umask(0o022) or 0o022)
+    assert os.stat(tmp_path / "hf").st_mode & 0o777 == mode  # not mkdtemp's 0700
+    assert os.stat(tmp_path / "hf" / "model.safetensors").st_mode & 0o777 == mode & 0o666
+
+
+def test_ckpt_export_replaces_only_an_earlier_export(tmp_path, gpt2_run, capsys):
+    folder, _ = gpt2_run
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "ckpt.pt").write_bytes((folder / "ckpt.pt").read_bytes())
+    before = (victim / "ckpt.pt").read_bytes()
+    args = ["export", f"--out_dir={folder}", "--format=ckpt"]
+    assert cli_main([*args, f"--to={victim}"]) == 1
+    assert "another run's ckpt.pt" in capsys.readouterr().err
+    assert (victim / "ckpt.pt").read_bytes() == before
+    assert cli_main([*args, f"--to={tmp_path / 'merged'}"]) == 0
+    assert cli_main([*args, f"--to={tmp_path / 'merged'}"]) == 0  # an export of ours: replaced
+    assert cli_main([*args, f"--to={tmp_path / 'x'}", "--dtype=float16"]) == 1
+    assert "float32" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_export_file_system_faults_are_one_line_and_leave_nothing(tmp_path, gpt2_run, capsys):
+    """Read-only, full disk, a file in the way: one line each, exit 1, no temporary and no empty folder."""
+    folder, _ = gpt2_run
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if (
+        os.geteuid() != 0
+        or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)]).returncode
+    ):
+        pytest.skip("mounting a small tmpfs needs root: file-system faults not tested")
+    try:
+        for fmt, to in [("hf", "x_hf"), ("ckpt", "x_ckpt"), ("gguf", "x.gguf")]:
+            assert cli_main(["export", f"--out_dir={folder}", f"--format={fmt}", f"--to={mount / to}"]) == 1
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and "no space left on device" in err, err
+            assert list(mount.iterdir()) == [], list(mount.iterdir())
+        (mount / "sub").mkdir()
+        subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True)
+        for fmt, to in [("hf", "x_hf"), ("ckpt", "sub"), ("gguf", "x.gguf")]:
+            assert cli_main(["export", f"--out_dir={folder}", f"--format={fmt}", f"--to={mount / to}"]) == 1
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and "read-only file system" in err, err
+        assert [p.name for p in mount.iterdir()] == ["sub"] and not list((mount / "sub").iterdir())
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def test_gguf_of_a_gpt4_pattern_bpe_tokenizes_as_ours_in_transformers(tmp_path):
+    """The default trained BPE (gpt4 pattern) is written with llama.cpp's `llama-bpe` pre-tokenizer;
+    transformers' GGUF loader (which maps llama-bpe to LLaMA 3's split) gives our ids."""
+    transformers = pytest.importorskip("transformers")
+    tok = _tokenizer("bpe")
+    model = GPT(GPTConfig(block_size=32, vocab_size=320, n_layer=1, n_head=2, n_embd=16)).eval()
+    our_checkpoint(tmp_path / "run", model, tok)
+    path = tmp_path / "g" / "m.gguf"
+    assert cli_main(["export", f"--out_dir={tmp_path / 'run'}", "--format=gguf", f"--to={path}"]) == 0
+    reader = gguf.GGUFReader(path)
+    assert bytes(reader.fields["tokenizer.ggml.pre"].parts[-1]).decode() == "llama-bpe"
+    hf_tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    for text in ["To be, or not to be:  that's 12345 it.\n\n\n  x", "Ünïcödé 日本語\r\n\tYOU'LL'VE ok  "]:
+        assert hf_tok.encode(text, add_special_tokens=False) == tok.encode(text), text
