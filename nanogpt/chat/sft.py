@@ -3,8 +3,8 @@ whose y is -1 wherever the loss must not train (the model's cross-entropy ignore
 
 Packed, not padded: each conversation (cut to block_size + 1 tokens if longer, and counted) is placed
 whole, longest first, into the fullest row it still fits (best fit decreasing), and a batch is (B, T)
-like a pretraining batch: the same step, the same tokens/s (benchmarks/bench_sft.py: 0.98x). The rest
-of a row is <|endoftext|> with y = -1 (FastChat's identity chats fill rows of 257 to 87%); padding
+like a pretraining batch: the same step, the same tokens/s (benchmarks/bench_sft.py: 0.98-1.02x). The rest
+of a row is <|endoftext|> with y = -1 (FastChat's identity chats fill rows of 257 to 86%); padding
 each batch to its longest conversation would waste more, and vary the step's shape. Conversations in one row see the ones before them, as pretraining's packed documents do; each starts
 with <|endoftext|>, after which the base model learnt to ignore what came before.
 
