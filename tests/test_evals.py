@@ -295,3 +295,44 @@ def test_eval_task_described_in_toml(gpt2_ckpt, tmp_path, capsys):
     r = json.loads(capsys.readouterr().out)
     assert r["tasks"]["mytask"]["items"] == 5 and r["tasks"]["mytask"]["type"] == "language_modeling"
     assert r["core"] is None and r["core_tasks"] == 0
+
+
+@pytest.mark.slow  # trains 2 steps, scores 3 evals, plots: ~8 s
+def test_training_writes_task_accuracy_beside_val_loss(evals_dir, data_dir, tmp_path, capsys):
+    """eval_tasks: at each eval metrics.jsonl holds the task's accuracy (items the character vocabulary
+    cannot encode skipped), the very number `nanogpt eval --tasks` gives on the checkpoint saved there."""
+    from conftest import tiny_train_config
+
+    from nanogpt.evals.report import TaskEvaluator
+    from nanogpt.train.metrics import read_metrics
+    from nanogpt.train.trainer import train
+
+    pytest.importorskip("matplotlib")
+    cfg = tiny_train_config(
+        data_dir, tmp_path / "run", block_size=128, max_iters=2, eval_interval=1, eval_iters=2
+    )
+    cfg = cfg.__class__(**{**asdict(cfg), "eval_tasks": "copa,winograd", "eval_tasks_limit": 20})
+    train(cfg)
+    evals = [r for r in read_metrics(tmp_path / "run") if "val_loss" in r]
+    assert [r["iter"] for r in evals] == [0, 1, 2]
+    assert all({"copa_accuracy", "copa_acc_norm", "winograd_accuracy", "core"} <= set(r) for r in evals)
+    assert "copa_accuracy" in capsys.readouterr().out and (tmp_path / "run" / "loss.png").is_file()
+    assert (
+        cli(
+            [
+                "eval",
+                "--device=cpu",
+                f"--out_dir={tmp_path / 'run'}",
+                "--tasks=copa,winograd",
+                "--limit=20",
+                "--skip_unencodable",
+                "--json",
+            ]
+        )
+        == 0
+    )
+    r = json.loads(capsys.readouterr().out)
+    assert r["tasks"]["copa"]["accuracy"] == evals[-1]["copa_accuracy"]
+    assert r["tasks"]["winograd"]["accuracy"] == evals[-1]["winograd_accuracy"]
+    assert r["core"] == pytest.approx(evals[-1]["core"])
+    assert TaskEvaluator("copa", CHARS, 16, 3).skipped() == {"copa": 3}  # " ab" has none of copa's letters

@@ -7,7 +7,9 @@ YAMLs over our local task files (lm-eval's own task definitions download their d
 
 lm-eval 0.4 finds models only in its own registry, so `nanogpt-lm-eval` is lm-eval's command with this
 module imported; `import nanogpt.evals.lm_eval_plugin` does the same for `lm_eval.simple_evaluate`.
-model_args: out_dir (or init_from: gpt2, a HF folder, a checkpoint file), device, dtype, batch_size.
+model_args: out_dir (or init_from: gpt2, a HF folder, a checkpoint file), device, dtype, batch_size,
+add_bos_token (default True: the end-of-text token before every context, as CORE does; lm-eval's hf
+backend gives the same numbers with add_bos_token=True).
 Scores come from the scorer of `nanogpt eval --tasks` (nanogpt/evals/scorer.py); requests are encoded
 by lm-eval's TemplateLM (trailing context whitespace moved to the continuation; an empty context
 conditioned on the end-of-text token) and cut as its hf backend cuts them: the last block_size + 1 tokens.
@@ -48,6 +50,7 @@ class NanoGPTLM(TemplateLM):
         device: str = "auto",
         dtype: str = "float32",
         batch_size: int | str = 32,
+        add_bos_token: bool | str = True,  # as CORE does (lm-eval's hf backend: add_bos_token=True)
         **_: Any,  # lm-eval passes its own (e.g. max_batch_size) too
     ):
         super().__init__()
@@ -58,6 +61,9 @@ class NanoGPTLM(TemplateLM):
         )
         self.rows = int(batch_size) if str(batch_size).isdigit() else 32
         self.window = self.model.config.block_size
+        self.bos = (
+            [self.tokenizer.eot] if str(add_bos_token) == "True" and self.tokenizer.eot is not None else []
+        )
 
     @property
     def eot_token_id(self) -> int:
@@ -68,7 +74,7 @@ class NanoGPTLM(TemplateLM):
         return self.tokenizer.eot
 
     def tok_encode(self, string: str, **_: Any) -> list[int]:
-        return self.tokenizer.encode(string)
+        return self.bos + self.tokenizer.encode(string)
 
     def _loglikelihood_tokens(
         self, requests: list, disable_tqdm: bool = False, **_: Any
@@ -96,7 +102,9 @@ class NanoGPTLM(TemplateLM):
         """The log-likelihood of each whole text, in disjoint windows of block_size tokens (lm-eval's)."""
         totals = []
         for (text,) in [r.args for r in requests]:
-            windows = get_rolling_token_windows(self.tok_encode(text), self.eot_token_id, self.window, 1)
+            windows = get_rolling_token_windows(
+                self.tokenizer.encode(text), self.eot_token_id, self.window, 1
+            )
             pieces = [(None, *make_disjoint_window(w)) for w in windows]
             totals.append(sum(logprob for logprob, _ in self._loglikelihood_tokens(pieces)))
         return totals
@@ -143,8 +151,9 @@ def task_yaml(task: Task, path: Path) -> dict[str, Any]:
             | text
             | {"output_type": "multiple_choice", "metric_list": [{"metric": "acc"}, {"metric": "acc_norm"}]}
         )
-    if task.type == LM:
-        text = {"doc_to_text": "{{context | trim}}" + d.rstrip(), "doc_to_target": "{{continuation}}"}
+    if task.type == LM:  # lm-eval adds no target_delimiter to a loglikelihood request: the target holds it
+        target = base.pop("target_delimiter") + "{{continuation}}"
+        text = {"doc_to_text": "{{context | trim}}" + d.rstrip(), "doc_to_target": target}
         return base | text | {"output_type": "loglikelihood", "metric_list": [{"metric": "acc"}]}
     text = {
         "doc_to_text": "{{gold}}",

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from nanogpt.evals.prompts import Prompted, Unencodable, prompt_item
 from nanogpt.evals.scorer import ItemScore, score_items
-from nanogpt.evals.tasks import CORE_SIZE, TASKS, Task, load_items
+from nanogpt.evals.tasks import CORE_SIZE, TASKS, Task, load_items, resolve_tasks
 from nanogpt.model import GPT
 
 
@@ -86,3 +88,38 @@ def format_results(result: dict[str, Any]) -> str:
             f"CORE {result['core']:.4f}: mean centered accuracy over {result['core_tasks']} of its {CORE_SIZE} tasks"
         )
     return "\n".join(lines)
+
+
+class TaskEvaluator:
+    """Tasks scored again and again (training's eval_tasks): items prompted once, those the tokenizer
+    cannot encode skipped and counted; each call gives flat metrics for metrics.jsonl:
+    `{name}_accuracy` (CORE's rule), `{name}_acc_norm` (multiple choice) and `core` over CORE's tasks."""
+
+    def __init__(self, spec: str, tokenizer: Any, window: int, limit: int = 0, batch_size: int = 32):
+        self.tasks = resolve_tasks(spec)
+        self.prompted = {
+            task.name: prompt_task(task, tokenizer, window, limit, skip_unencodable=True)
+            for task in self.tasks
+        }
+        self.batch_size = batch_size
+
+    def skipped(self) -> dict[str, int]:
+        return {name: skipped for name, (_, skipped) in self.prompted.items() if skipped}
+
+    @torch.no_grad()
+    def __call__(self, model: GPT, device: str, dtype: str) -> dict[str, float]:
+        was_training = model.training
+        model.eval()
+        metrics, centered_core = {}, []
+        for task in self.tasks:
+            prompted, skipped = self.prompted[task.name]
+            if not prompted:
+                continue
+            r = task_result(task, score_items(model, task, prompted, device, dtype, self.batch_size), skipped)
+            metrics[f"{task.name}_accuracy"] = r["accuracy"]
+            if r["acc_norm"] is not None:
+                metrics[f"{task.name}_acc_norm"] = r["acc_norm"]
+            if TASKS.get(task.name) == task:
+                centered_core.append(r["centered"])
+        model.train(was_training)
+        return metrics | ({"core": sum(centered_core) / len(centered_core)} if centered_core else {})

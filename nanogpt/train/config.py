@@ -26,21 +26,25 @@ class TrainConfig:
     log_interval: int = 1  # log loss, lr, ms per iteration, tokens/s and MFU every this many iterations
     eval_iters: int = 200  # batches per split in each loss estimate (the same batches at every eval)
     eval_only: bool = False  # evaluate once at the start and exit (e.g. GPT-2 on OpenWebText)
+    # benchmark tasks scored at each eval on rank 0, beside val_loss (as `nanogpt eval --tasks`): e.g.
+    # "hellaswag", "copa,winograd", "core"; items the tokenizer cannot encode are skipped
+    eval_tasks: str = ""
+    eval_tasks_limit: int = 200  # the first N items of each task at each eval; 0: all
     always_save_checkpoint: bool = True  # save at every eval, not only when the val loss improves
     init_from: str = "scratch"  # scratch | resume (from out_dir) | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a local HF GPT-2 folder | a checkpoint or out_dir (ours or nanoGPT's)
     # a new run (init_from not resume) into an out_dir that holds a checkpoint is refused unless this is set
     overwrite: bool = False
     # logging
     wandb_log: bool = False  # log to Weights & Biases (WANDB_MODE=offline works without an account)
-    wandb_project: str = "owt"
-    wandb_run_name: str = "gpt2"
+    wandb_project: str = "owt"  # the W&B project the run is logged to
+    wandb_run_name: str = "gpt2"  # the run's name there
     tensorboard_log: bool = False  # write TensorBoard events to out_dir/tensorboard (needs `tensorboard`)
     progress: Literal["auto", "bar", "plain"] = "auto"  # auto: a progress bar in a terminal, else plain lines
     # data
     data_dir: str = (
         "data"  # the folder `nanogpt prepare` writes: data_dir/dataset/{train,val}.bin + meta.json
     )
-    dataset: str = "openwebtext"
+    dataset: str = "openwebtext"  # a folder under data_dir (prepared first if it is a known dataset)
     # supervised fine-tuning on conversations (nanogpt/chat/sft.py): a JSONL file of OpenAI "messages" or
     # ShareGPT "conversations" replaces the dataset; the loss trains on the assistant's tokens only
     sft_data: str = ""
@@ -52,8 +56,8 @@ class TrainConfig:
     block_size: int = 1024  # context length in tokens
     # model (ignored where the weights decide: resume, GPT-2; dropout always applies)
     n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
+    n_head: int = 12  # attention heads per layer (n_embd must divide by it)
+    n_embd: int = 768  # the width of the residual stream
     dropout: float = 0.0  # 0 for pretraining, 0.1+ for fine-tuning
     bias: bool = (
         False  # biases in Linears and LayerNorms (GPT-2 has them; without is a bit better and faster)
@@ -61,7 +65,7 @@ class TrainConfig:
     # model options beyond GPT-2 (nanogpt/model.py's GPTConfig; GPT-2's by default)
     position: Literal["learned", "rope"] = "learned"  # rope: rotary positions on q and k, no wpe
     rope_base: float = 10000.0  # rotary: pair i of a head's dimensions turns by position * base^(-2i/hs)
-    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"  # the blocks' and the final norm
     qk_norm: bool = False  # RMS-normalise q and k per head before attention
     mlp: Literal["gelu", "relu2", "swiglu"] = "gelu"  # relu2: ReLU squared; swiglu: gated, same weights
     tie_embeddings: bool = True  # lm_head shares wte's matrix (GPT-2); False: a head of its own
@@ -74,14 +78,14 @@ class TrainConfig:
     muon_momentum: float = 0.95  # Muon's (Nesterov) momentum
     max_iters: int = 600000  # optimizer steps in total (a resumed run continues up to this)
     weight_decay: float = 1e-1  # on matrices only (see GPT.configure_optimizers)
-    beta1: float = 0.9
-    beta2: float = 0.95
+    beta1: float = 0.9  # AdamW's first-moment decay
+    beta2: float = 0.95  # AdamW's second-moment decay
     grad_clip: float = 1.0  # clip the global gradient norm to this; 0 disables clipping
     # learning rate schedule
     decay_lr: bool = True  # linear warmup then a decay; False: constant learning_rate
     lr_schedule: Literal["cosine", "wsd"] = "cosine"  # wsd: warmup, constant, linear decay at the end
     decay_fraction: float = 0.2  # wsd: the last fraction of the run spent decaying
-    warmup_iters: int = 2000
+    warmup_iters: int = 2000  # iterations of linear warmup from 0 to learning_rate
     lr_decay_iters: int = 600000  # the decay reaches min_lr here (about max_iters, per Chinchilla)
     min_lr: float = 6e-5  # about learning_rate / 10, per Chinchilla
     # a wall-clock budget in seconds, evaluations included (0: none): the run stops in time for a final
@@ -111,6 +115,9 @@ class TrainConfig:
         check_finite(self, "TrainConfig")
         for name in ("eval_interval", "log_interval", "eval_iters", "gradient_accumulation_steps"):
             _require(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
+        _require(
+            self.eval_tasks_limit >= 0, f"eval_tasks_limit must not be negative, got {self.eval_tasks_limit}"
+        )
         for name in ("batch_size", "block_size", "n_layer", "n_head", "n_embd"):
             _require(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
         for name in ("max_iters", "warmup_iters", "lr_decay_iters", "grad_clip", "min_lr", "weight_decay"):

@@ -88,8 +88,10 @@ class RunLog:
 
     def log_eval(self, record: dict[str, Any]) -> None:
         self._write(record)
+        tasks = "".join(f", {k} {v:.4f}" for k, v in record.items() if k.endswith("_accuracy") or k == "core")
         self.message(
             f"step {record['iter']}: train loss {record['train_loss']:.4f}, val loss {record['val_loss']:.4f}"
+            + tasks
         )
         self._plot()
 
@@ -125,7 +127,15 @@ class RunLog:
             ax.plot([r["iter"] for r in evals], [r[key] for r in evals], marker="o", ms=3, label=label)
         ax.set(xlabel="iteration", ylabel="loss", title=str(self.out_dir))
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(loc="upper left")
+        accuracies = sorted({k for r in evals for k in r if k.endswith("_accuracy")})  # eval_tasks
+        if accuracies:
+            right = ax.twinx()
+            for key in accuracies:
+                points = [(r["iter"], r[key]) for r in evals if key in r]
+                right.plot(*zip(*points, strict=True), ls="--", marker="s", ms=3, label=key)
+            right.set(ylabel="accuracy")
+            right.legend(loc="upper right")
         with atomic_open(self.out_dir / PLOT_NAME, "wb") as f:
             fig.savefig(f, format="png", dpi=100)
         plt.close(fig)

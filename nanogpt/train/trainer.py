@@ -46,8 +46,10 @@ from nanogpt.checkpoint import (
 )
 from nanogpt.data.loader import BatchLoader, check_token_ids, load_split, read_meta
 from nanogpt.data.prepare import ensure_prepared
+from nanogpt.data.tokenizers import tokenizer_from_meta
 from nanogpt.device import DTYPES, autocast, device_type, resolve_device, resolve_dtype
 from nanogpt.errors import NanoGPTError
+from nanogpt.evals.report import TaskEvaluator
 from nanogpt.files import folder_lock, remove_stale_temporaries, write_text_atomic
 from nanogpt.from_nanogpt import is_nanogpt_checkpoint
 from nanogpt.lora import lora_checkpoint
@@ -229,6 +231,7 @@ class Run:
         self.batches = TrainBatches(self.loader)  # the first batch, fetched ahead
         self.last_eval: dict[str, float] = {}
         self.last_loss = math.nan
+        self.task_evaluator = benchmark_tasks(cfg, self.meta, self.block_size, env)
         print(f"config: {json.dumps(to_dict(cfg))}")
         print(f"device {device}, dtype {self.dtype}, {env.world_size} process(es)")
         print(f"number of parameters: {self.raw_model.get_num_params() / 1e6:.2f}M")
@@ -372,6 +375,8 @@ class Run:
         _check_finite(losses["val"] + losses["train"], self.iter_num, self.cfg.out_dir)
         self.last_eval = losses
         record = {"iter": self.iter_num, "train_loss": losses["train"], "val_loss": losses["val"]}
+        if self.task_evaluator is not None:  # rank 0 alone; the others wait at their next step
+            record |= self.task_evaluator(self.raw_model, self.device, self.dtype)
         log.log_eval(record | {"elapsed_s": elapsed})  # wall seconds when this evaluation began
         if losses["val"] < self.best_val_loss or self.cfg.always_save_checkpoint:
             self.best_val_loss = min(self.best_val_loss, losses["val"])
@@ -483,6 +488,19 @@ def dataset_dir(cfg: TrainConfig, env: DistEnv) -> Path:
         ensure_prepared(cfg.dataset, cfg.data_dir)
     distributed.barrier(env)
     return Path(cfg.data_dir) / cfg.dataset
+
+
+def benchmark_tasks(
+    cfg: TrainConfig, meta: dict[str, Any], block_size: int, env: DistEnv
+) -> TaskEvaluator | None:
+    """The eval_tasks, prompted once (rank 0 only), or None."""
+    if not cfg.eval_tasks or not env.master:
+        return None
+    tokenizer = tokenizer_from_meta(meta["tokenizer"])
+    evaluator = TaskEvaluator(cfg.eval_tasks, tokenizer, block_size, cfg.eval_tasks_limit)
+    for name, skipped in evaluator.skipped().items():
+        print(f"eval_tasks: {skipped} items of {name} skipped (characters the tokenizer lacks, or too long)")
+    return evaluator
 
 
 @torch.no_grad()
