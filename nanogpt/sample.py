@@ -29,14 +29,14 @@ from nanogpt.quantization import check_quantize, quantized
 class SampleConfig:
     init_from: str = "resume"  # "resume": the checkpoint in out_dir; or gpt2, gpt2-medium, ... or a HF folder, or a checkpoint (ours or nanoGPT's)
     meta: str = ""  # a nanoGPT checkpoint's meta.pkl; "": found as nanoGPT finds it, else GPT-2 BPE
-    out_dir: str = "out"
+    out_dir: str = "out"  # the training out_dir whose checkpoint init_from="resume" reads
     start: str = "\n"  # the prompt, or "FILE:path" to read it from a file
-    num_samples: int = 10
-    max_new_tokens: int = 500
+    num_samples: int = 10  # samples drawn, one after another
+    max_new_tokens: int = 500  # tokens generated per sample
     temperature: float = 0.8  # 1.0: the model's own distribution, < 1 sharper, 0 greedy
     top_k: int | None = 200  # sample from the k likeliest tokens only
     top_p: float | None = None  # nucleus sampling: the smallest set of tokens whose probability reaches p
-    seed: int = 1337
+    seed: int = 1337  # the sampling generator's seed: the same seed gives the same samples
     device: str = "auto"  # auto (cuda > mps > cpu) | cpu | cuda | cuda:1 | mps
     dtype: DtypeName = "float32"  # float32, bfloat16 / float16 through torch.autocast, or auto (as training)
     compile: bool = False  # torch.compile the model (pays off for long or many samples on a GPU)
@@ -51,6 +51,18 @@ class SampleConfig:
                 f"num_samples must be >= 1 and max_new_tokens >= 0, got {self.num_samples}, {self.max_new_tokens}"
             )
         Sampling(self.temperature, self.top_k, self.top_p)  # checks them (SamplingError names the option)
+        if not 0 <= self.seed < 2**64:
+            raise NanoGPTError(f"seed must be in [0, 2**64), got {self.seed}")
+
+
+def check_finite(model: GPT, source: str) -> None:
+    """Refuse a model whose weights hold NaN or inf: every draw from it would fail, or be noise."""
+    for name, p in model.state_dict().items():
+        if p.is_floating_point() and not torch.isfinite(p).all():
+            raise NanoGPTError(
+                f"{source}: weight {name} holds NaN or inf values (a training run that diverged, or a damaged "
+                "file): sample from an earlier checkpoint"
+            )
 
 
 def read_prompt(start: str) -> str:
@@ -96,6 +108,7 @@ def sample(cfg: SampleConfig, out: TextIO | None = None) -> list[str]:
     model, tokenizer = load_for_inference(
         model_source(cfg.init_from, cfg.out_dir), device, cfg.compile, cfg.meta
     )
+    check_finite(model, model_source(cfg.init_from, cfg.out_dir))
     model = quantized(model, cfg.quantize)
     prompt_ids = encode_prompt(read_prompt(cfg.start), tokenizer, model.config.block_size)
     prompt = tokenizer.decode(prompt_ids)

@@ -169,3 +169,38 @@ def test_samples_a_local_hf_folder(tmp_path, monkeypatch):
     export(GPT(GPTConfig(vocab_size=50257, block_size=64, n_layer=1, n_head=2, n_embd=32)), tmp_path / "hf")
     text = run_sample("", init_from=str(tmp_path / "hf"), start="Hello", num_samples=1, stop_at_eot=False)
     assert text.startswith("Hello") and len(text) > len("Hello")
+
+
+def test_extreme_options_and_nan_weights_are_one_line(char_ckpt, tmp_path, capsys):
+    """A tiny positive temperature samples (near-greedy); a seed beyond 64 bits and a checkpoint with a NaN
+    weight are one line each, exit 1, no traceback."""
+    args = ["sample", f"--out_dir={char_ckpt}", "--device=cpu", "--num_samples=1", "--max_new_tokens=5"]
+    assert cli([*args, "--temperature=1e-300"]) == 0
+    capsys.readouterr()
+    assert cli([*args, "--seed=18446744073709551616"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "seed must be in [0, 2**64)" in err, err
+    ckpt = torch.load(char_ckpt / "ckpt.pt", weights_only=True)
+    ckpt["model"]["transformer.h.0.mlp.c_fc.weight"][0, 0] = float("nan")
+    save_checkpoint(ckpt, tmp_path / "nan")
+    assert cli([*args[:1], f"--out_dir={tmp_path / 'nan'}", *args[2:]]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "transformer.h.0.mlp.c_fc.weight holds NaN" in err, err
+
+
+def test_sigterm_while_sampling_is_one_line_and_143(char_ckpt, monkeypatch, capsys):
+    import os
+    import signal
+
+    import nanogpt.sample as sample_module
+
+    def terminated_midway(model, tokenizer, prompt_ids, cfg, generator):
+        yield "a"
+        os.kill(os.getpid(), signal.SIGTERM)  # delivered here, in the main thread, as from `kill PID`
+        yield "b"
+
+    monkeypatch.setattr(sample_module, "stream_text", terminated_midway)
+    assert cli(["sample", f"--out_dir={char_ckpt}", "--device=cpu", "--num_samples=1"]) == 143
+    err = capsys.readouterr().err
+    assert err.strip() == "terminated", err
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # put back after the command
