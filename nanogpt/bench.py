@@ -61,7 +61,7 @@ class BenchOptions:
     config: str = "shakespeare_char_cpu"  # the training preset whose model and batch shape are measured
     out_dir: str = ""  # measure this checkpoint's model and training config instead of a preset's
     train_iters: int = 10  # timed training steps (after warmup_iters untimed ones); the median is reported
-    warmup_iters: int = 3
+    warmup_iters: int = 3  # untimed steps first (allocator, kernels, a compile)
     new_tokens: int = 0  # tokens generated per sequence; 0: fill the context window after a 1-token prompt
     repeats: int = 3  # timed generate() runs per setting; the median is reported
     json: bool = False  # print one JSON object (progress goes to stderr)

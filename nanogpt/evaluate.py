@@ -45,17 +45,17 @@ _DECODE_CHUNK = 1 << 20  # tokens decoded at once when counting the characters a
 class EvalConfig:
     init_from: str = "resume"  # "resume": the checkpoint in out_dir; or gpt2, gpt2-medium, ... or a HF folder, or a checkpoint (ours or nanoGPT's)
     meta: str = ""  # a nanoGPT checkpoint's meta.pkl; "": found as nanoGPT finds it, else GPT-2 BPE
-    out_dir: str = "out"
+    out_dir: str = "out"  # the training out_dir whose checkpoint init_from="resume" reads
     dataset: str = ""  # a dataset prepared under data_dir; "": the checkpoint's training dataset
     data_dir: str = ""  # "": the checkpoint's data_dir for its own dataset, else "data"
     split: str = "val"  # train, val or test
     file: str = ""  # a text file to evaluate on instead of a dataset split
-    batch_size: int = 8
+    batch_size: int = 8  # windows per forward pass
     block_size: int = 0  # window length; 0: the model's block_size
     max_tokens: int = 0  # evaluate on the first max_tokens tokens only (a fixed budget); 0: all of them
-    device: str = "auto"
+    device: str = "auto"  # auto (cuda > mps > cpu) | cpu | cuda | cuda:1 | mps
     dtype: DtypeName = "float32"  # float32, bfloat16 / float16 through torch.autocast, or auto (as training)
-    compile: bool = False
+    compile: bool = False  # torch.compile the model (pays off for a large split on a GPU)
     quantize: str = "none"  # int8: int8 Linear weights and inputs, on the CPU (nanogpt/quantization.py)
     json: bool | str = False  # True: print one JSON object instead of a table; a path: also write it there
     tasks: str = ""  # core, task names (hellaswag,arc_easy), PATH.jsonl:TYPE:SHOTS or task.toml: accuracy instead of loss

@@ -63,7 +63,7 @@ class ExperimentOptions:
 
     datasets: str = "shakespeare_char"  # comma-separated; the trainer prepares a known one not yet prepared
     seeds: int = 3  # runs per dataset
-    out: str = "runs/experiment"
+    out: str = "runs/experiment"  # the folder of the runs (out/VARIANT/DATASET/seed_N) and the results
     config: str = "shakespeare_char_cpu"  # the training preset (or TOML file) every run starts from
     inference_tokens: int = 100  # tokens generated after training (batch 1, KV cache) for tokens/s
     variants: str = ""  # a TOML file of named variants, each a table of training overrides ("": none)

@@ -34,7 +34,7 @@ from nanogpt.options import parse_options
 @dataclass
 class ExportConfig:
     init_from: str = "resume"  # "resume": the checkpoint in out_dir; or gpt2, ..., a HF folder, a checkpoint (ours or nanoGPT's)
-    out_dir: str = "out"
+    out_dir: str = "out"  # the training out_dir whose checkpoint init_from="resume" reads
     meta: str = ""  # a nanoGPT checkpoint's meta.pkl (see `nanogpt sample`)
     format: Literal["hf", "gguf", "ckpt"] = (
         "hf"  # hf: a transformers folder; gguf: one llama.cpp file; ckpt: ours

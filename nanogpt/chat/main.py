@@ -32,15 +32,15 @@ from nanogpt.sample import SampleConfig
 @dataclass
 class ChatConfig:
     init_from: str = "resume"  # "resume": the checkpoint in out_dir; or a checkpoint / out_dir
-    out_dir: str = "out"
+    out_dir: str = "out"  # the training out_dir whose checkpoint init_from="resume" reads
     system: str = ""  # a system message to start every conversation with
     max_new_tokens: int = 256  # the longest reply, in tokens
     temperature: float = 0.8  # 0: greedy
-    top_k: int | None = 200
-    top_p: float | None = None
-    seed: int = 1337
+    top_k: int | None = 200  # sample from the k likeliest tokens only
+    top_p: float | None = None  # nucleus sampling: the smallest set of tokens whose probability reaches p
+    seed: int = 1337  # the sampling generator's seed
     device: str = "auto"  # auto (cuda > mps > cpu) | cpu | cuda | cuda:1 | mps
-    dtype: DtypeName = "float32"
+    dtype: DtypeName = "float32"  # float32, bfloat16 / float16 through torch.autocast, or auto (as training)
     gsm8k: str = ""  # a GSM8K .jsonl (question, answer): answer its questions, print the accuracy as JSON
     limit: int = 0  # with gsm8k: only the first this many questions (0: all)
 

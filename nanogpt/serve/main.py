@@ -32,7 +32,7 @@ GRACE_SECONDS = 3  # how long a stopping server lets running requests finish bef
 @dataclass
 class ServeConfig:
     init_from: str = "resume"  # "resume": the checkpoint in out_dir; or gpt2, gpt2-medium, ... or a HF folder
-    out_dir: str = "out"
+    out_dir: str = "out"  # the training out_dir whose checkpoint init_from="resume" reads
     host: str = "127.0.0.1"  # anything but loopback without an api_key prints a warning
     port: int = 8000  # 0: any free port (the address is printed)
     device: str = "auto"  # auto (cuda > mps > cpu) | cpu | cuda | cuda:1 | mps
