@@ -203,6 +203,9 @@ def folder_lock(folder: str | Path, what: str) -> Iterator[None]:
 def read_utf8(path: str | Path, what: str) -> str:
     """The text of a UTF-8 file that the user named (`what` says which option), or a one-line error."""
     path = Path(path)
+    if path.exists() and not path.is_file():
+        kind = "a folder" if path.is_dir() else "not a regular file (a FIFO, a device, ...)"
+        raise NanoGPTError(f"{what} {str(path)!r} is {kind}: give a text file")
     if not path.is_file():
         raise NanoGPTError(f"{what} {str(path)!r} not found")
     try:

@@ -36,12 +36,14 @@ from nanogpt.data.sources import (
     TEXT8,
     TINY_SHAKESPEARE,
     RawSource,
+    check_unchanged,
     fetch,
     file_sha256,
     read_blocks,
     read_text,
     source_files,
     sources_sha256,
+    stamps,
 )
 from nanogpt.data.splits import Corpus, Segment, plan_corpus, split_rule
 from nanogpt.data.staging import BPE_FILE, remove_leftovers, staged, write_tokens
@@ -332,6 +334,7 @@ def _prepare_text(
         "names": list(spec.splits),
         "unit": "documents" if len(files) > 1 else unit,
     }
+    before = stamps(files)  # checked again once everything is read: a source written meanwhile is refused
     sha256 = sources_sha256(files)
     meta = _meta_header(name, [str(p) for p in files], sha256, choice.name, choice.options, split)
     if _up_to_date(out, meta):
@@ -356,8 +359,33 @@ def _prepare_text(
     with staged(out) as folder:
         items = _encoded(corpus, tok, choice.name, workers, f"tokenize {name} ({workers} proc)")
         counts = write_tokens(folder, spec.splits, items, token_dtype(tok.vocab_size))
+        check_unchanged(files, before)
+        _check_counts(counts)
         meta = _finish(folder, meta, tok, counts)
     return _announce(meta, out)
+
+
+def _check_counts(counts: dict[str, int]) -> None:
+    """Every split must hold a window of at least one token and its target (2 tokens)."""
+    for split, n in counts.items():
+        if n < 2:
+            raise NanoGPTError(
+                f"the {split} split holds {n} token(s): training and evaluation need at least 2 (a window and "
+                "its next token); give more text, or change --val_fraction"
+            )
+
+
+def _num_proc(num_proc: int | None) -> int | None:
+    """--num_proc checked: at least 1, at most the cores there are (more only share them); None: the default."""
+    cores = os.cpu_count() or 1
+    if num_proc is None:
+        return None
+    if num_proc < 1:
+        raise NanoGPTError(f"--num_proc must be at least 1 (the encoding processes), got {num_proc}")
+    if num_proc > cores:
+        print(f"note: --num_proc {num_proc} is more than the {cores} cores here: using {cores}")
+        return cores
+    return num_proc
 
 
 def _prepare_documents(
@@ -426,6 +454,7 @@ def prepare_dataset(
     choice = _choose_tokenizer(tokenizer, vocab_size, pattern, tokenizer_file)
     val_fraction = spec.val_fraction if val_fraction is None else float(val_fraction)
     _check_val_fraction(val_fraction, spec.splits)
+    num_proc = _num_proc(num_proc)
     out = (Path(data_dir) / name).resolve()  # a symlinked dataset folder is replaced where it really is
     for path in remove_leftovers(out):
         print(f"removed {path.name}, left in {out.parent} by a prepare that was killed")

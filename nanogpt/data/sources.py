@@ -73,10 +73,32 @@ def cache_dir() -> Path:
 
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            digest.update(block)
+    try:
+        with open(path, "rb") as f:
+            while block := f.read(1 << 22):
+                digest.update(block)
+    except OSError as e:  # EIO from a failing disk, or a special file a glob reached (/proc/self/mem)
+        raise NanoGPTError(f"cannot read {path}: {e.strerror or e}") from None
     return digest.hexdigest()
+
+
+def stamps(files: list[Path]) -> list[tuple[int, int]]:
+    """(size, mtime in ns) of each file: equal before and after a read when nothing wrote to them."""
+    return [(stat.st_size, stat.st_mtime_ns) for stat in map(os.stat, files)]
+
+
+def check_unchanged(files: list[Path], before: list[tuple[int, int]]) -> None:
+    """Refuse the result of reading `files` if one changed meanwhile (another program writing it)."""
+    for path, was in zip(files, before, strict=True):
+        try:
+            now = stamps([path])[0]
+        except OSError:
+            raise NanoGPTError(f"{path} was removed while it was read: nothing written") from None
+        if was != now:
+            raise NanoGPTError(
+                f"{path} changed while it was read (size {was[0]:,} -> {now[0]:,} bytes): nothing written; "
+                "prepare again once it no longer changes"
+            )
 
 
 def _check(path: Path, raw: RawSource) -> Path:
@@ -136,6 +158,10 @@ def source_files(source: str | Path) -> list[Path]:
         files = [Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file()]
         if not files:
             raise NanoGPTError(f"source {str(source)!r} matched no files")
+    elif path.exists():
+        raise NanoGPTError(
+            f"source {str(source)!r} is not a regular file (a FIFO, a device, ...): give a text file, a folder or a glob"
+        )
     else:
         raise NanoGPTError(f"source {str(source)!r} not found")
     if not files:
