@@ -2,6 +2,7 @@
 YAMLs over our local task files (lm-eval's own task definitions download their data).
 
     nanogpt-lm-eval --model nanogpt --model_args out_dir=out/x --tasks hellaswag      # online data
+    python -m nanogpt.evals.lm_eval_plugin --model nanogpt ...                         # the same
     python -m nanogpt.evals.lm_eval_plugin tasks lm_eval_tasks/                       # write offline YAMLs
     nanogpt-lm-eval --model nanogpt --model_args out_dir=out/x --include_path lm_eval_tasks --tasks nanogpt_copa
 
@@ -129,6 +130,10 @@ class NanoGPTLM(TemplateLM):
         return outputs
 
 
+def _metrics(*names: str) -> list[dict[str, Any]]:
+    return [{"metric": name, "aggregation": "mean", "higher_is_better": True} for name in names]
+
+
 def task_yaml(task: Task, path: Path) -> dict[str, Any]:
     """lm-eval's task config (as a dict) for one of our tasks over its JSONL file at `path` (0-shot as the
     task's own few-shot draw is nanochat's, not lm-eval's)."""
@@ -146,21 +151,17 @@ def task_yaml(task: Task, path: Path) -> dict[str, Any]:
             "doc_to_choice": "{{choices}}",
             "doc_to_target": "{{gold}}",
         }
-        return (
-            base
-            | text
-            | {"output_type": "multiple_choice", "metric_list": [{"metric": "acc"}, {"metric": "acc_norm"}]}
-        )
+        return base | text | {"output_type": "multiple_choice", "metric_list": _metrics("acc", "acc_norm")}
     if task.type == LM:  # lm-eval adds no target_delimiter to a loglikelihood request: the target holds it
         target = base.pop("target_delimiter") + "{{continuation}}"
         text = {"doc_to_text": "{{context | trim}}" + d.rstrip(), "doc_to_target": target}
-        return base | text | {"output_type": "loglikelihood", "metric_list": [{"metric": "acc"}]}
+        return base | text | {"output_type": "loglikelihood", "metric_list": _metrics("acc")}
     text = {
         "doc_to_text": "{{gold}}",
         "doc_to_choice": "{{context_options}}",
         "doc_to_target": "{{continuation}}",
     }
-    return base | text | {"output_type": "multiple_choice", "metric_list": [{"metric": "acc"}]}
+    return base | text | {"output_type": "multiple_choice", "metric_list": _metrics("acc")}
 
 
 def write_task_yamls(folder: str | Path, names: list[str]) -> list[Path]:
@@ -185,8 +186,10 @@ def cli() -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["tasks"] and len(sys.argv) >= 3:
+    if sys.argv[1:2] == ["tasks"]:  # python -m nanogpt.evals.lm_eval_plugin tasks FOLDER [TASK ...]
+        if len(sys.argv) < 3:
+            sys.exit("usage: python -m nanogpt.evals.lm_eval_plugin tasks FOLDER [TASK ...]")
         names = sys.argv[3:] or [t for t in TASKS if t != "hellaswag"]
         print("\n".join(str(p) for p in write_task_yamls(sys.argv[2], names)))
-    else:
-        sys.exit("usage: python -m nanogpt.evals.lm_eval_plugin tasks FOLDER [TASK ...]")
+    else:  # lm-eval's own options
+        cli()
