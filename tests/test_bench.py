@@ -7,6 +7,7 @@ import copy
 import itertools
 import json
 
+import pytest
 import torch
 
 from nanogpt import GPT, GPTConfig
@@ -28,6 +29,7 @@ def positive_numbers(report: dict) -> None:
             assert g[key] > 0, key
 
 
+@pytest.mark.slow
 def test_bench_a_preset(sources_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("NANOGPT_DATA_SOURCES", str(sources_dir))
     assert cli(["bench", "--config=shakespeare_char_cpu", f"--data_dir={tmp_path}", *TINY, *QUICK]) == 0

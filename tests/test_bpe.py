@@ -122,7 +122,7 @@ def test_report_and_examples(bpe, corpus):
     assert show_tokens(tiny, "日 abc") == "日{3}| abc"
 
 
-@pytest.mark.parametrize("which", ["bpe", "gpt2"])
+@pytest.mark.parametrize("which", ["bpe", pytest.param("gpt2", marks=pytest.mark.slow)])
 def test_transformers_tokenizer_gives_the_same_ids(tmp_path, bpe, corpus, which):
     pytest.importorskip("transformers")
     from transformers import AutoTokenizer

@@ -95,6 +95,7 @@ def test_turns_encode_to_the_ids_of_their_whole_text(bpe, gpt2):
             assert segment == tok.encode("assistant\n" + content.strip()), (tok.name, content)
 
 
+@pytest.mark.slow
 def test_transformers_apply_chat_template_gives_our_ids(bpe, gpt2):
     pytest.importorskip("transformers")
     messages = CONVERSATION + [Message("user", content) for content in EDGES]

@@ -51,6 +51,7 @@ def experiment(sources_dir, tmp_path_factory):
         return tmp / "runs", run_experiment(tmp / "runs", tmp / "data")
 
 
+@pytest.mark.slow
 def test_every_run_writes_its_final_info(experiment):
     experiment, _ = experiment
     for seed in (5, 6):  # the base seed (--seed) and the next
@@ -63,6 +64,7 @@ def test_every_run_writes_its_final_info(experiment):
         assert (run / "ckpt.pt").is_file() and (run / "metrics.jsonl").is_file()
 
 
+@pytest.mark.slow
 def test_aggregates_are_mean_and_standard_error(experiment):
     experiment, _ = experiment
     runs = [
@@ -78,6 +80,7 @@ def test_aggregates_are_mean_and_standard_error(experiment):
     assert runs[0]["final_train_loss"] != runs[1]["final_train_loss"]  # the seeds differ
 
 
+@pytest.mark.slow
 def test_all_results_table_and_plot(experiment):
     experiment, stdout = experiment
     results = json.loads((experiment / "all_results.json").read_text())
@@ -105,6 +108,7 @@ def test_bad_options(arg, message, capsys):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_stopped_experiment_continues_where_it_stopped(experiment, tmp_path, monkeypatch, capsys):
     """SIGTERM in seed 6's iteration 3: seed 5 is done, seed 6 saved, no aggregates yet. The same command
     again keeps seed 5, resumes seed 6 exactly (its losses equal the uninterrupted experiment's) and
@@ -155,6 +159,7 @@ n_embd = 48
 """
 
 
+@pytest.mark.slow
 def test_named_variants_over_seeds(experiment, tmp_path):
     """--variants: each [NAME] table's overrides on top of the command line's, over the seeds, in
     OUT/NAME/DATASET/seed_S; a table with the variants as rows (final val loss, ms/iter, seconds to the

@@ -51,6 +51,7 @@ def gguf_file(gpt2_run, tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_gguf_reader_sees_every_tensor_and_the_vocabulary(gguf_file, gpt2_run):
     _, model = gpt2_run
     reader = gguf.GGUFReader(gguf_file)
@@ -133,6 +134,7 @@ def test_gguf_refuses_characters_and_non_gpt2_options(tmp_path, data_dir):
     assert not (tmp_path / "y.gguf").exists()
 
 
+@pytest.mark.slow
 def test_lora_run_merges_into_a_checkpoint_and_hf(gpt2_run, tmp_path):
     """A LoRA checkpoint (adapters + base reference) exports merged: the same logits as the unmerged model,
     as a checkpoint of ours and through transformers."""
@@ -179,7 +181,7 @@ def _tokenizer(kind: str):
     return get_tokenizer("gpt2")
 
 
-@pytest.mark.parametrize("kind", ["char", "byte", "gpt2", "bpe"])
+@pytest.mark.parametrize("kind", ["char", "byte", pytest.param("gpt2", marks=pytest.mark.slow), "bpe"])
 def test_hf_export_tokenizer_loads_in_transformers_and_generates_our_ids(tmp_path, kind):
     """Every vocabulary of ours: AutoTokenizer gives our ids and our text back, and `generate` on them
     (greedy) continues with the tokens our model picks."""
@@ -207,6 +209,7 @@ def test_hf_export_tokenizer_loads_in_transformers_and_generates_our_ids(tmp_pat
     assert out.tolist() == idx.tolist()
 
 
+@pytest.mark.slow
 def test_hf_export_never_deletes_what_it_did_not_write(tmp_path, gpt2_run, capsys):
     """A folder holding anything but an earlier export, the source run or a folder holding it, a file:
     refused with one line, every file as it was. An earlier export (its mark) is replaced."""
@@ -256,6 +259,7 @@ def test_ckpt_export_replaces_only_an_earlier_export(tmp_path, gpt2_run, capsys)
     assert "float32" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
 def test_export_file_system_faults_are_one_line_and_leave_nothing(tmp_path, gpt2_run, capsys):
     """Read-only, full disk, a file in the way: one line each, exit 1, no temporary and no empty folder."""
     folder, _ = gpt2_run

@@ -247,6 +247,7 @@ def test_serve_loads_an_int8_model_and_completes(wide_ckpt):
     assert len(texts) == 2 and texts[0] == texts[1] and len(texts[0]) > 0
 
 
+@pytest.mark.slow
 def test_gguf_q8_0_reads_back_within_its_rounding(tmp_path):
     """--dtype=q8_0: every matrix but the position embeddings is Q8_0 in the file (vectors float32, as
     llama.cpp's converter writes them); gguf's reader dequantises each to our weights within Q8_0's error:
