@@ -232,6 +232,7 @@ def load_model(source: str | Path, device: str | torch.device = "cpu", meta: str
     given), a GPT-2 name or a local HF GPT-2 folder (GPT-2 BPE tokenizer). The model is in eval mode on
     `device`."""
     if is_hf_source(source):
+        _refuse_meta(meta, source)
         model = GPT.from_pretrained(str(source))
         tokenizer = get_tokenizer("gpt2")
     else:
@@ -240,6 +241,7 @@ def load_model(source: str | Path, device: str | torch.device = "cpu", meta: str
         if is_nanogpt_checkpoint(ckpt):
             tokenizer = nanogpt_tokenizer(ckpt, checkpoint_path(source), model.config.vocab_size, meta)
         else:
+            _refuse_meta(meta, source)
             tokenizer = tokenizer_from_meta(ckpt["tokenizer"])
     if tokenizer.vocab_size > model.config.vocab_size:
         raise NanoGPTError(
@@ -262,6 +264,24 @@ def describe_tokenizer(tokenizer: dict) -> str:
 def model_source(init_from: str, out_dir: str) -> str:
     """What an inference command loads: out_dir's checkpoint for init_from="resume", else init_from."""
     return out_dir if init_from == "resume" else init_from
+
+
+def inference_source(init_from: str, out_dir: str) -> str:
+    """model_source, refusing an --out_dir that would not be read (init_from names the model)."""
+    if init_from != "resume" and out_dir not in ("out", ""):  # "out": the default, "": none
+        raise NanoGPTError(
+            f"--out_dir={out_dir} and --init_from={init_from} both name the model: give one (--init_from=resume "
+            "reads --out_dir)"
+        )
+    return model_source(init_from, out_dir)
+
+
+def _refuse_meta(meta: str, source: str | Path) -> None:
+    if meta:
+        raise NanoGPTError(
+            f"--meta={meta} is read only with a karpathy/nanoGPT checkpoint, and {source} carries its own "
+            "tokenizer: drop --meta"
+        )
 
 
 def load_for_inference(source: str, device: str, compile: bool, meta: str = "") -> tuple[GPT, Any]:

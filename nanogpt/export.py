@@ -19,9 +19,9 @@ from nanogpt.chat.template import chat_tokenizer
 from nanogpt.checkpoint import (
     CKPT_NAME,
     checkpoint_path,
+    inference_source,
     is_hf_source,
     load_model,
-    model_source,
     peek_checkpoint,
     save_checkpoint,
 )
@@ -116,7 +116,7 @@ def _save_merged(ckpt: dict[str, Any], to: Path) -> Path:
 
 def export(cfg: ExportConfig) -> Path:
     """Write the model cfg names in cfg.format at cfg.to; returns what was written."""
-    source = model_source(cfg.init_from, cfg.out_dir)
+    source = inference_source(cfg.init_from, cfg.out_dir)
     to = check_target(cfg, source)
     if cfg.format == "ckpt" and cfg.dtype not in ("", "float32"):
         raise NanoGPTError(f"--dtype={cfg.dtype}: a checkpoint of ours holds float32 weights (drop --dtype)")

@@ -14,7 +14,7 @@ from typing import Any, TextIO
 
 import torch
 
-from nanogpt.checkpoint import load_for_inference, model_source
+from nanogpt.checkpoint import inference_source, load_for_inference
 from nanogpt.device import DtypeName, autocast, check_dtype, resolve_device, resolve_dtype
 from nanogpt.errors import NanoGPTError
 from nanogpt.files import read_utf8
@@ -105,10 +105,9 @@ def sample(cfg: SampleConfig, out: TextIO | None = None) -> list[str]:
     generated; return the continuations."""
     out = out or sys.stdout
     device = resolve_device(cfg.device)
-    model, tokenizer = load_for_inference(
-        model_source(cfg.init_from, cfg.out_dir), device, cfg.compile, cfg.meta
-    )
-    check_finite(model, model_source(cfg.init_from, cfg.out_dir))
+    source = inference_source(cfg.init_from, cfg.out_dir)
+    model, tokenizer = load_for_inference(source, device, cfg.compile, cfg.meta)
+    check_finite(model, source)
     model = quantized(model, cfg.quantize)
     prompt_ids = encode_prompt(read_prompt(cfg.start), tokenizer, model.config.block_size)
     prompt = tokenizer.decode(prompt_ids)

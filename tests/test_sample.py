@@ -204,3 +204,16 @@ def test_sigterm_while_sampling_is_one_line_and_143(char_ckpt, monkeypatch, caps
     err = capsys.readouterr().err
     assert err.strip() == "terminated", err
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # put back after the command
+
+
+def test_a_flag_that_would_not_be_read_is_refused(char_ckpt, capsys):
+    """--out_dir beside --init_from (the model is init_from's), --meta with a checkpoint of ours (its own
+    tokenizer is used): refused with one line, as export refuses them."""
+    for cmd in (
+        ["sample", "--num_samples=1", "--max_new_tokens=2"],
+        ["export", "--format=ckpt", "--to=unused"],
+    ):
+        assert cli([*cmd, f"--init_from={char_ckpt}", "--out_dir=elsewhere"]) == 1
+        assert "both name the model" in capsys.readouterr().err
+        assert cli([*cmd, f"--out_dir={char_ckpt}", "--meta=meta.pkl"]) == 1
+        assert "--meta=meta.pkl is read only with a karpathy/nanoGPT checkpoint" in capsys.readouterr().err
