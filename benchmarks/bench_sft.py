@@ -61,16 +61,16 @@ def main() -> None:
         sft = SFTData(
             str(SOURCES / "chat" / "fastchat_dummy_conversation.json"), meta["tokenizer"], 0.05, seed=0
         )
-        sft.pack(args.block, meta["vocab_size"], seed=0)
-        loaders = {
-            "pretrain": BatchLoader(data, args.batch, args.block, seed=0),
-            "sft": sft.loader(args.batch, "cpu", seed=0),
-        }
         torch.manual_seed(0)
         config = GPTConfig(
             vocab_size=meta["vocab_size"], block_size=args.block, n_layer=4, n_head=4, n_embd=128
         )
         model = GPT(config)
+        sft.pack(model, seed=0)
+        loaders = {
+            "pretrain": BatchLoader(data, args.batch, args.block, seed=0),
+            "sft": sft.loader(args.batch, "cpu", seed=0),
+        }
         step = make_step(model)
         times: dict[str, list[float]] = {name: [] for name in loaders}
         trained: list[int] = []

@@ -180,6 +180,7 @@ def test_bad_lines_are_named_with_file_and_line(tmp_path, line, message):
         read_conversations(path)
 
 
+@pytest.mark.slow  # two exports through the CLI and a transformers load (~5 s)
 def test_export_carries_the_template_to_transformers_and_merged_checkpoints(tmp_path, bpe):
     transformers = pytest.importorskip("transformers")
     from dataclasses import asdict

@@ -9,11 +9,14 @@ from dataclasses import asdict
 import pytest
 import torch
 
+from nanogpt.chat.sft import fit_vocabulary
 from nanogpt.chat.template import stored_template, template_for
-from nanogpt.checkpoint import load_checkpoint, load_model, save_checkpoint
+from nanogpt.checkpoint import base_model, load_checkpoint, load_model, save_checkpoint
 from nanogpt.cli import main as cli_main
 from nanogpt.data.bpe import train_bpe
+from nanogpt.data.tokenizers import GPT2Tokenizer
 from nanogpt.errors import NanoGPTError
+from nanogpt.lora import LoRAConfig, apply_lora
 from nanogpt.model import GPT, GPTConfig
 from nanogpt.options import set_fields
 from nanogpt.train.config import TrainConfig
@@ -67,6 +70,7 @@ def sft(base, data, out, **overrides) -> TrainConfig:
     return set_fields(TrainConfig(), {**values, **overrides}, where="test")
 
 
+@pytest.mark.slow  # a 6-step training run through the CLI (~4 s)
 def test_sft_run_stores_the_template_and_reports_its_data(base, conversations, tmp_path, capsys):
     out = tmp_path / "sft"
     options = dict(init_from=base, sft_data=conversations, out_dir=out, **RUN)
@@ -136,3 +140,47 @@ def test_sft_resumes_exactly(base, conversations, tmp_path, lora_rank):
     assert stored_template(b["tokenizer"]) == stored_template(a["tokenizer"]) is not None
     if lora_rank:
         assert all(k.endswith((".lora_A", ".lora_B")) for k in a["model"])
+
+
+@pytest.fixture(scope="module")
+def gpt2_folder(tmp_path_factory):
+    """A small random GPT-2 in a HF folder: OpenAI's 50257 token rows, no padding (as GPT-2's weights)."""
+    transformers = pytest.importorskip("transformers")
+    try:
+        GPT2Tokenizer()
+    except NanoGPTError as e:
+        pytest.skip(str(e))
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=50257, n_positions=64)
+    folder = tmp_path_factory.mktemp("gpt2")
+    transformers.GPT2LMHeadModel(config).save_pretrained(folder)
+    return folder
+
+
+def test_gpt2_weights_get_the_padded_vocabulary_for_the_chat_tokens(gpt2_folder):
+    model = base_model(str(gpt2_folder))
+    idx = torch.randint(0, 50257, (1, 12))
+    before = model(idx, idx)[0]
+    fit_vocabulary(model, 50258)
+    after = model(idx, idx)[0]
+    assert model.config.vocab_size == 50304 and model.lm_head.weight is model.transformer.wte.weight
+    torch.testing.assert_close(after[..., :50257], before, rtol=0, atol=0)  # the old tokens: unchanged
+    wte = model.transformer.wte.weight
+    assert torch.equal(wte[50300], wte[:50257].mean(0))
+    lora = apply_lora(base_model(str(gpt2_folder)), LoRAConfig(4, 8.0, 0.0, ("c_attn",)))
+    with pytest.raises(NanoGPTError, match="LoRA cannot add token rows"):
+        fit_vocabulary(lora, 50258)
+
+
+@pytest.mark.slow  # a training run with a 50k-token head (~4 s)
+def test_sft_from_gpt2_weights(gpt2_folder, conversations, tmp_path, capsys):
+    out = tmp_path / "sft"
+    train(sft(gpt2_folder, conversations, out, max_iters=2, eval_interval=2, bias=True))
+    assert "vocabulary padded from 50257 to 50304" in capsys.readouterr().out
+    ckpt = load_checkpoint(out)
+    assert (
+        ckpt["model_args"]["vocab_size"] == 50304
+        and ckpt["model"]["transformer.wte.weight"].shape[0] == 50304
+    )
+    template = stored_template(ckpt["tokenizer"])
+    assert (template.start, template.end, template.bos) == (50257, 50258, 50256)

@@ -122,14 +122,14 @@ def _write(path, conversations):
     return path
 
 
-def test_sft_data_splits_by_conversation_and_reports(tmp_path, bpe, capsys):
+def test_sft_data_splits_by_conversation_and_reports(tmp_path, bpe, model, capsys):
     convs = [[("user", f"question {i}?"), ("assistant", f"answer {i}.")] for i in range(40)]
     convs += [[("system", "no reply here"), ("user", "hello")]]
     data = SFTData(str(_write(tmp_path / "c.jsonl", convs)), bpe.to_meta(), val_fraction=0.1, seed=3)
     assert data.skipped == 1 and len(data.splits["val"][0]) == 4 and len(data.splits["train"][0]) == 36
     as_text = {s: {bpe.decode(a.tolist()) for a in data.splits[s][0]} for s in ("train", "val")}
     assert not as_text["train"] & as_text["val"] and len(as_text["train"] | as_text["val"]) == 40
-    data.pack(block_size=96, vocab_size=bpe.vocab_size, seed=3)
+    data.pack(model, seed=3)
     out = capsys.readouterr().out
     assert (
         "train 36 conversations ->" in out

@@ -23,11 +23,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from nanogpt.chat.conversations import read_conversations
 from nanogpt.chat.template import ChatTemplate, encode_conversation, template_for, with_template
 from nanogpt.data.tokenizers import tokenizer_from_meta
 from nanogpt.errors import NanoGPTError
+from nanogpt.model import padded_vocab_size
 
 
 def encode_all(tokenizer: Any, template: ChatTemplate, conversations: list) -> tuple[list, list, int]:
@@ -170,12 +172,12 @@ class SFTData:
         self.max_id = max(int(a.max()) for a in ids)
         self.rows: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
-    def pack(self, block_size: int, vocab_size: int, seed: int) -> None:
-        """Pack both splits into rows of block_size + 1 for a model of vocab_size, and say what was done."""
-        if self.max_id >= vocab_size:
-            raise NanoGPTError(
-                f"the chat tokens (up to id {self.max_id}) do not fit the model's vocabulary of {vocab_size}"
-            )
+    def pack(self, model: Any, seed: int) -> None:
+        """Pack both splits into rows of the model's block_size + 1 and say what was done. GPT-2's own
+        weights (50257 token rows) get the padded vocabulary first, which holds the chat tokens."""
+        block_size = model.config.block_size
+        if self.max_id >= model.config.vocab_size:
+            fit_vocabulary(model, self.max_id)
         pad = self.template.bos if self.template.bos is not None else 0
         report = []
         for split, (ids, trained) in self.splits.items():
@@ -196,6 +198,36 @@ class SFTData:
         self, batch_size: int, device: str, seed: int, rank: int = 0, world_size: int = 1
     ) -> SFTLoader:
         return SFTLoader(self.rows, batch_size, device, seed, rank, world_size)
+
+
+def fit_vocabulary(model: Any, max_id: int) -> None:
+    """Pad the model's token rows to the padded vocabulary nanoGPT trains GPT-2 with (50257 -> 50304), so
+    that id max_id exists. The new rows start at the mean of the others (an average token, as HF's
+    `resize_token_embeddings` starts them); a tied head follows, an untied one is padded the same way."""
+    from nanogpt.lora import has_lora
+
+    size = padded_vocab_size(model.config.vocab_size)
+    if max_id >= size or has_lora(model):
+        raise NanoGPTError(
+            f"the chat tokens (up to id {max_id}) do not fit the model's vocabulary of {model.config.vocab_size}"
+            + (": LoRA cannot add token rows to a frozen base; fine-tune it fully" if max_id < size else "")
+        )
+    print(f"vocabulary padded from {model.config.vocab_size} to {size} token rows for the chat tokens")
+    with torch.no_grad():
+        wte = model.transformer.wte.weight
+        model.transformer.wte = nn.Embedding.from_pretrained(_padded(wte, size), freeze=False)
+        head = model.lm_head.weight
+        model.lm_head = nn.Linear(head.size(1), size, bias=False).to(head.device, head.dtype)
+        if model.config.tie_embeddings:
+            model.lm_head.weight = model.transformer.wte.weight
+        else:
+            model.lm_head.weight.copy_(_padded(head, size))
+    model.config.vocab_size = size
+
+
+def _padded(rows: torch.Tensor, size: int) -> torch.Tensor:
+    """(V, C) -> (size, C): the rows, then copies of their mean."""
+    return torch.cat([rows, rows.mean(0, keepdim=True).expand(size - rows.size(0), -1)])
 
 
 def base_tokenizer_meta(init_from: str, ckpt: dict[str, Any] | None) -> dict:

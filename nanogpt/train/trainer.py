@@ -210,7 +210,7 @@ class Run:
         self.raw_model = init_model(cfg, self.meta, ckpt).to(device)
         self.block_size = self.raw_model.config.block_size
         if self.sft:
-            self.sft.pack(self.block_size, self.raw_model.config.vocab_size, cfg.seed)
+            self.sft.pack(self.raw_model, cfg.seed)  # GPT-2's weights: padded to hold the chat tokens
         for split in () if self.sft else ("train", "val"):  # once, at start
             check_token_ids(
                 load_split(self.data_dir, split),
