@@ -13,7 +13,7 @@ JSON and a plot out.
 
 Models (random weights: speed does not depend on them), saved as a checkpoint the server loads:
   baby: the shakespeare_char_cpu preset's shape (4 layers, 4 heads, n_embd 128, block 64, 65 characters);
-  gpt2_124m: GPT-2's (12 x 768, block 1024, GPT-2 BPE).
+  gpt2_124m: GPT-2's (12 x 768, block 1024, GPT-2 BPE, its 50257 tokens).
 Prompts: --input_len random characters (baby) or random GPT-2 tokens decoded to text (gpt2_124m); each
 request asks for --output_len tokens at temperature 0.8 (a random model never ends early in practice).
 Bounded: loopback only (the server binds 127.0.0.1 on a free port), --seconds per level and repeat, each
@@ -91,7 +91,9 @@ def save_model(folder: Path, name: str) -> tuple[GPT, object]:
         shape = dict(n_layer=preset.n_layer, n_head=preset.n_head, n_embd=preset.n_embd)
         config = GPTConfig(vocab_size=tok.vocab_size, block_size=preset.block_size, bias=preset.bias, **shape)
     else:
-        tok, config = get_tokenizer("gpt2"), GPTConfig()
+        # GPT-2's vocabulary unpadded (50257): a random model draws the padding ids of 50304 now and then,
+        # which have no text
+        tok, config = get_tokenizer("gpt2"), GPTConfig(vocab_size=50257)
     model = GPT(config).eval()
     ckpt = {"model": model.state_dict(), "model_args": asdict(model.config), "tokenizer": tok.to_meta()}
     save_checkpoint(ckpt, folder)
@@ -231,10 +233,12 @@ def figures(records: list[Record], errors: list[str], elapsed: float) -> dict:
     return out
 
 
-def engine_tokens_per_s(model: GPT, tok, prompts: list[str], batch: int, cfg: BenchServeConfig) -> float:
-    """Output tokens/s of the server's engine alone: `batch` sequences joined (each prompt read alone, as
-    the server does) and decoded together for output_len tokens each, rounds until cfg.seconds / 4."""
-    decoder = BatchDecoder(model, cfg.max_batch)
+def engine_tokens_per_s(
+    decoder: BatchDecoder, tok, prompts: list[str], batch: int, cfg: BenchServeConfig
+) -> float:
+    """Output tokens/s of the server's engine alone (one decoder of max_batch rows, as the server keeps,
+    its cache allocated by the warm-up): `batch` sequences joined (each prompt read alone, as the server
+    does) and decoded together for output_len tokens each, rounds until cfg.seconds / 4."""
     generator = torch.Generator().manual_seed(cfg.seed)
     sampling = Sampling(temperature=cfg.temperature)
     tokens, start = 0, time.perf_counter()
@@ -271,12 +275,14 @@ def run_levels(url: str, model: GPT, tok, cfg: BenchServeConfig) -> list[dict]:
     levels = [("concurrency", int(n)) for n in cfg.concurrency.split(",") if n]
     levels += [("request_rate", float(r)) for r in cfg.request_rates.split(",") if r]
     asyncio.run(concurrency_level(url, 1, prompts, BenchServeConfig(seconds=1.0)))  # warm-up
+    decoder = BatchDecoder(model, cfg.max_batch)
+    engine_tokens_per_s(decoder, tok, prompts, 1, BenchServeConfig(output_len=2, seconds=0.01))  # warm-up
     runs: list[list[dict]] = [[] for _ in levels]
     for _ in range(cfg.repeats):
         for i, (kind, value) in enumerate(levels):
             if kind == "concurrency":
                 level = asyncio.run(concurrency_level(url, value, prompts, cfg))
-                level["engine_output_tokens_per_s"] = engine_tokens_per_s(model, tok, prompts, value, cfg)
+                level["engine_output_tokens_per_s"] = engine_tokens_per_s(decoder, tok, prompts, value, cfg)
             else:
                 level = asyncio.run(poisson_level(url, value, prompts, cfg))
             runs[i].append(level)
