@@ -162,3 +162,26 @@ def test_pretrain_sft_chat_answers_with_a_fact_only_the_sft_data_holds(
     ).stdout.splitlines()  # fmt: skip
     assert len(replies) == 3, replies
     assert "Zephyrine" in replies[0] and "Quorwick" in replies[1] and "Bramblewit" in replies[2], replies
+
+
+def test_the_terminal_streams_replies_runs_commands_and_quits_at_ctrl_d(tmp_path, bpe, monkeypatch):
+    from nanogpt.chat.main import run_terminal
+
+    model = _checkpoint(tmp_path, bpe, chat=True)
+    session = ChatSession(model.eval(), bpe, template_for(bpe), ChatConfig(max_new_tokens=6, temperature=0.0))
+    typed = iter(["Hello", "", "/system Be kind.", "/nope", "Who art thou?"])
+
+    def keyboard(prompt: str) -> str:
+        try:
+            return next(typed)
+        except StopIteration:
+            raise EOFError from None  # Ctrl-D
+
+    monkeypatch.setattr("builtins.input", keyboard)
+    out = io.StringIO()
+    run_terminal(session, out)  # returns at Ctrl-D
+    text = out.getvalue()
+    assert text.count("bot> ") == 2 and "(system message set" in text and "(unknown command /nope" in text
+    assert [m.role for m in session.messages] == ["system", "user", "assistant"]  # /system cleared the first
+    reply = session.messages[-1].content
+    assert text.endswith(f"bot> {reply}\n\n")
