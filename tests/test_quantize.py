@@ -281,3 +281,14 @@ def test_gguf_q8_0_reads_back_within_its_rounding(tmp_path):
     assert kinds["position_embd.weight"] == gguf.GGMLQuantizationType.F32
     file_type = reader.fields["general.file_type"]
     assert int(file_type.parts[file_type.data[0]][0]) == gguf.LlamaFileType.MOSTLY_Q8_0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_int8_on_a_gpu_is_refused_naming_the_device(wide_ckpt, capsys):
+    with pytest.raises(NanoGPTError, match="runs on the CPU only.*cuda.*--device=cpu"):
+        quantize(wide_model().cuda())
+    out_dir, _, _ = wide_ckpt
+    assert (
+        cli(["sample", f"--out_dir={out_dir}", "--device=cuda", "--quantize=int8", "--max_new_tokens=2"]) == 1
+    )
+    assert "runs on the CPU only" in capsys.readouterr().err
