@@ -281,7 +281,7 @@ class GPTConfig:
     gelu_approximate: str = "none"  # "none": exact GELU (nanoGPT); "tanh": GPT-2's and HF's approximation
     # "sdpa": PyTorch's fused kernel; "manual": the plain masked softmax; "auto": whichever is faster here
     attention: str = "auto"
-    # beyond GPT-2 (the defaults are GPT-2's; README "Results" says which of these pay at small scale)
+    # beyond GPT-2 (the defaults are GPT-2's; benchmarks/README.md says which of these pay at small scale)
     position: str = "learned"  # "learned": GPT-2's position embeddings (wpe); "rope": rotary, on q and k
     rope_base: float = 10000.0  # rotary: dimension pair i turns by position * rope_base^(-2i / head size)
     norm: str = "layernorm"  # "layernorm" (GPT-2) or "rmsnorm" (no mean, no bias)

@@ -102,7 +102,7 @@ class TrainConfig:
     dtype: DtypeName = "auto"  # auto: bfloat16 on CUDA that has it, float16 on older CUDA, else float32
     compile: bool | None = None  # torch.compile the model; None: on CUDA only
     # keep only each block's input in the forward pass and recompute the rest in backward: activation
-    # memory falls to about 1 / n_layer of it, for ~1/3 more compute (useful with LoRA, see README)
+    # memory falls to about 1 / n_layer of it, for ~1/3 more compute (useful with LoRA: docs/finetune.md)
     activation_checkpointing: bool = False
     seed: int = 1337  # model init, dropout and training batches (process k uses seed + k)
     # LoRA fine-tuning (nanogpt/lora.py): base frozen, low-rank adapters on these Linears trained
