@@ -158,3 +158,9 @@ def test_batches_resume_exactly_and_differ_across_ranks(bpe):
     assert torch.equal(replay.get_batch("train")[0], first[0][0])
     other_rank = SFTLoader(rows, batch_size=4, seed=5, rank=1, world_size=2)
     assert not torch.equal(other_rank.get_batch("train")[0], first[0][0])
+
+
+def test_two_conversations_split_one_and_one_whatever_the_fraction(tmp_path, bpe):
+    convs = [[("user", "q1"), ("assistant", "a1")], [("user", "q2"), ("assistant", "a2")]]
+    data = SFTData(str(_write(tmp_path / "two.jsonl", convs)), bpe.to_meta(), val_fraction=0.9, seed=0)
+    assert (len(data.splits["train"][0]), len(data.splits["val"][0])) == (1, 1)

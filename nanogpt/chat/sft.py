@@ -163,7 +163,7 @@ class SFTData:
                 f"{path}: {len(ids)} conversation(s) with an assistant turn ({self.skipped} without one): "
                 "fine-tuning needs at least 2 (one for val)"
             )
-        n_val = max(1, round(val_fraction * len(ids)))
+        n_val = min(len(ids) - 1, max(1, round(val_fraction * len(ids))))  # both splits hold one or more
         order = np.random.default_rng(seed).permutation(len(ids))
         self.splits = {
             "train": ([ids[i] for i in order[n_val:]], [trained[i] for i in order[n_val:]]),
