@@ -56,6 +56,23 @@ def test_every_relative_link_resolves(page: Path):
     assert not broken_links(page), f"{page.relative_to(REPO)}: broken links {broken_links(page)}"
 
 
+HISTORY = re.compile(
+    r"\bissue #?\d+|\(was:|\bwas: |after the structure change|previous session", re.IGNORECASE
+)
+
+
+@pytest.mark.parametrize(
+    "page", [p for p in PAGES if p.name != "LOG.md"], ids=lambda p: str(p.relative_to(REPO))
+)
+def test_pages_state_behaviour_not_history(page: Path):
+    """The story of how things came to be goes in git log and benchmarks/LOG.md, not in the pages."""
+    found = [m.group() for m in HISTORY.finditer(page.read_text(encoding="utf-8"))]
+    assert not found, f"{page.relative_to(REPO)}: {found}"
+    assert (
+        HISTORY.search("a fix for Issue 14") and HISTORY.search("(was: 2)") and not HISTORY.search("tissue 3")
+    )
+
+
 def test_the_link_checker_finds_a_missing_file_and_a_missing_heading(tmp_path: Path):
     (tmp_path / "other.md").write_text("# Other page\n## Throughput: `nanogpt bench`\n")
     page = tmp_path / "page.md"
