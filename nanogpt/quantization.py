@@ -1,18 +1,20 @@
 """int8 inference on the CPU: `nanogpt.quantize(model)` and the --quantize=int8 option of `sample`, `eval`
 and `serve`.
 
-Every Linear layer (the blocks' c_attn, c_proj, c_fc and the lm_head) keeps its weight as int8, one scale
+Every Linear layer of MIN_WEIGHTS or more (the blocks' c_attn, c_proj, c_fc and the lm_head of a GPT-2-sized
+model) keeps its weight as int8, one scale
 per output row (symmetric, per channel); each call quantises its input to int8 as well, with one scale
 from that input's range (dynamic quantisation), and multiplies int8 by int8 into int32 in fbgemm's kernels
 (PyTorch's own dynamic quantisation: torch.ops.quantized.linear_dynamic). Norms, attention, softmax and
 the embedding lookups stay float32. The lm_head is tied to wte: it gets an int8 copy of the matrix, and
 the lookups keep wte in float32.
 
-Why these kernels and the quantised head, measured at the GPT-2-124M shape, batch 1, one thread, on an
-AMD EPYC (Zen 4, AVX512-VNNI): decoding at 16 tokens/s in float32, 52 with every Linear int8 (3.3x), 27
-with the head kept float32 (it is a third of the weights read per token); torchao 0.18's
-Int8DynamicActivationInt8WeightConfig ran at 1.8 and its weight-only int8 at 4.4 (eager: its CPU path
-dequantises or falls back without torch.compile). benchmarks/bench_generate.py --quantize measures it all.
+Why these kernels and the quantised head, measured at the GPT-2-124M shape, batch 1, one thread, on a
+busy 2-core AMD EPYC (Zen 4, AVX512-VNNI; benchmarks/bench_generate.py --quantize): int8 decodes at 3.5x
+float32's tokens/s, 1.9x with the head kept float32 (it is a third of the weights read per token),
+bfloat16 autocast at 0.76x. In a first probe at 16 tokens/s in float32, torchao 0.18's
+Int8DynamicActivationInt8WeightConfig ran at 1.8 and its weight-only int8 at 4.4 (eager, without
+torch.compile), so torchao is not used.
 """
 
 from __future__ import annotations
