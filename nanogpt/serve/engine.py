@@ -142,10 +142,21 @@ class Job:
         for c in completions:
             c.job = self
 
-    def send(self, pieces: list[Piece]) -> None:
-        """From the decoding thread: hand pieces to the request's event loop."""
+
+def deliver(out: dict[Job, list[Piece]]) -> None:
+    """From the decoding thread: hand each job its pieces, waking each event loop once per step for all
+    its jobs (not once per job)."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Job, list[Piece]]]] = {}
+    for job, pieces in out.items():
+        by_loop.setdefault(job.loop, []).append((job, pieces))
+    for loop, batch in by_loop.items():
         with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is listening
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, pieces)
+            loop.call_soon_threadsafe(_put_all, batch)
+
+
+def _put_all(batch: list[tuple[Job, list[Piece]]]) -> None:
+    for job, pieces in batch:
+        job.queue.put_nowait(pieces)
 
 
 class Scheduler:
@@ -223,8 +234,10 @@ class Scheduler:
         with self.wake:
             self.stopping = True
             held = [*self.running, *self.waiting]
+        out: dict[Job, list[Piece]] = {}
         for c in held:  # nobody decodes them any more
-            c.job.send([Piece(c.index, message, finish, c.tokens)])
+            out.setdefault(c.job, []).append(Piece(c.index, message, finish, c.tokens))
+        deliver(out)
 
     def _admit(self) -> list[Completion] | None:
         """Wait for work; take as many waiting completions as rows are free (None: stop)."""
@@ -263,8 +276,7 @@ class Scheduler:
                 traceback.print_exc(file=sys.stderr)
                 for c in list(self.running):
                     self._fail(c, f"decoding failed: {e}", out)
-        for job, pieces in out.items():
-            job.send(pieces)
+        deliver(out)
         return True
 
     def _start(self, c: Completion, out: dict[Job, list[Piece]]) -> None:
