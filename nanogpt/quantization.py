@@ -1,13 +1,12 @@
 """int8 inference on the CPU: `nanogpt.quantize(model)` and the --quantize=int8 option of `sample`, `eval`
 and `serve`.
 
-Every Linear layer of MIN_WEIGHTS or more (the blocks' c_attn, c_proj, c_fc and the lm_head of a GPT-2-sized
-model) keeps its weight as int8, one scale
-per output row (symmetric, per channel); each call quantises its input to int8 as well, with one scale
-from that input's range (dynamic quantisation), and multiplies int8 by int8 into int32 in fbgemm's kernels
-(PyTorch's own dynamic quantisation: torch.ops.quantized.linear_dynamic). Norms, attention, softmax and
-the embedding lookups stay float32. The lm_head is tied to wte: it gets an int8 copy of the matrix, and
-the lookups keep wte in float32.
+Every Linear layer of MIN_WEIGHTS or more (the blocks' c_attn, c_proj, c_fc and the lm_head of a
+GPT-2-sized model) keeps its weight as int8, one scale per output row (symmetric, per channel); each call
+quantises its input to int8 as well, with one scale from that input's range (dynamic quantisation), and
+multiplies int8 by int8 into int32 in fbgemm's kernels (PyTorch's own dynamic quantisation:
+torch.ops.quantized.linear_dynamic). Norms, attention, softmax and the embedding lookups stay float32.
+The lm_head is tied to wte: it gets an int8 copy of the matrix, and the lookups keep wte in float32.
 
 Why these kernels and the quantised head, measured at the GPT-2-124M shape, batch 1, one thread, on a
 busy 2-core AMD EPYC (Zen 4, AVX512-VNNI; benchmarks/bench_generate.py --quantize): int8 decodes at 3.5x
