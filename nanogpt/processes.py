@@ -23,6 +23,7 @@ from collections.abc import Callable
 
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 _WATCH_SECONDS = 0.5  # how often the fallback watcher looks at the parent's pid
+_armed_in: int | None = None  # the pid of the process die_with_parent armed (a fork's child is another)
 
 
 class Terminated(BaseException):
@@ -49,7 +50,12 @@ def _watch_parent(parent_pid: int) -> None:
 
 def die_with_parent(parent_pid: int) -> None:
     """Make this (child) process end when the process `parent_pid` ends. Call it first in the child; the
-    parent passes its own os.getpid(), so a parent that died before this call is noticed too."""
+    parent passes its own os.getpid(), so a parent that died before this call is noticed too. Calling it
+    again in the same process does nothing more."""
+    global _armed_in
+    if _armed_in == os.getpid():
+        return
+    _armed_in = os.getpid()
     if not _kernel_kills_on_parent_death():
         threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True, name="watch-parent").start()
     if os.getppid() != parent_pid:  # it ended between fork and here: the kernel did not see it end

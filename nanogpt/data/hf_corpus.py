@@ -19,6 +19,7 @@ from tqdm import tqdm
 from nanogpt.data.sources import sources_sha256
 from nanogpt.data.tokenizers import GPT2Tokenizer
 from nanogpt.errors import NanoGPTError
+from nanogpt.processes import die_with_parent
 
 SPLIT_SEED = 2357  # nanoGPT's openwebtext/prepare.py seed: the same documents land in val
 _BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -65,7 +66,14 @@ def load_documents(files: list[Path] | None, hub: tuple[str, str | None]):
     return ds.select_columns(["text"]), sources_sha256(files)
 
 
+_PREPARING_PID = os.getpid()  # a forked `datasets` worker inherits it: the pid of its parent
+
+
 def _encode(batch: dict, num_threads: int) -> dict:
+    if (
+        os.getpid() != _PREPARING_PID
+    ):  # in a worker of map(num_proc=...): end with the prepare, however it ends
+        die_with_parent(_PREPARING_PID)
     tok = GPT2Tokenizer()
     ids = [doc + [tok.eot] for doc in tok.encode_batch(batch["text"], num_threads=num_threads)]
     return {"ids": ids, "len": [len(doc) for doc in ids]}
