@@ -4,6 +4,7 @@ like nanoGPT's), and no function is longer than a screen."""
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,7 @@ def nanogpt_imports(tree: ast.AST, top_level_only: bool) -> set[str]:
     return found
 
 
+@functools.cache  # parsed once for all the tests below
 def parsed_modules() -> dict[str, ast.Module]:
     return {module_name(p): ast.parse(p.read_text(encoding="utf-8")) for p in PACKAGE.rglob("*.py")}
 
