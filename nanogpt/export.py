@@ -29,6 +29,7 @@ from nanogpt.errors import NanoGPTError
 from nanogpt.lora import has_lora, merge_lora
 from nanogpt.model import GPT
 from nanogpt.options import parse_options
+from nanogpt.processes import exits_on_sigterm
 
 
 @dataclass
@@ -142,6 +143,7 @@ def export(cfg: ExportConfig) -> Path:
     return write_gguf(model, tokenizer, to, cfg.dtype or "float16", name=Path(source).name)
 
 
+@exits_on_sigterm  # one line and 143, its temporary folder removed
 def main(argv: list[str]) -> int:
     cfg = parse_options(
         ExportConfig, argv, "usage: nanogpt export --format=hf|gguf|ckpt --to=PATH [--key=value ...]"
