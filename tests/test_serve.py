@@ -644,6 +644,11 @@ def test_rotary_models_serve_past_block_size(char_model):
         reply = client.post("/v1/completions", json=body).json()
         for i, choice in enumerate(reply["choices"]):
             assert choice["text"] == alone(model, tok, prompt, 40, 9 + i), i
+        # log-probs past block_size too: the rolling cache's equal a forward pass over the whole text,
+        # where each layer's queries see the last block_size keys (a sliding window)
+        scored = client.post("/v1/completions", json={**body, "echo": True, "logprobs": 2}).json()
+        for choice in scored["choices"]:
+            check_logprobs(model, tok, choice["text"], choice["logprobs"], echoed=60, top=2)
     finally:
         client.__exit__(None, None, None)
 
