@@ -4,6 +4,7 @@ request records whose times are set by hand; and the synthetic prompts have the 
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import sys
 from pathlib import Path
@@ -57,3 +58,22 @@ def test_synthetic_prompts_have_the_asked_length(model):
     lengths = [len(tok.encode(p)) for p in prompts]
     # characters exactly; random GPT-2 tokens decoded and encoded again merge or split a little
     assert all(n == 12 for n in lengths) if model == "baby" else 11 <= sum(lengths) / 20 <= 14
+
+
+@pytest.mark.slow  # starts a server process
+def test_a_short_run_writes_every_level_json_and_plot(tmp_path, monkeypatch, capsys):
+    """The script end to end, bounded: a sweep of 1 and 2 clients and a Poisson level against a real server
+    on loopback; every level is in the JSON with its figures, no request failed, the plot is written."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = tmp_path / "serve.json"
+    args = ["--concurrency=1,2", "--request_rates=20", "--seconds=1", "--repeats=1", "--output_len=8"]
+    assert bench_serve.main([*args, f"--out={out}"]) == 0
+    results = json.loads(out.read_text())
+    levels = results["levels"]
+    assert [lv.get("concurrency", lv.get("request_rate")) for lv in levels] == [1, 2, 20.0]
+    for lv in levels:
+        assert lv["errors"] == 0 and lv["requests"] > 0 and lv["output_tokens_per_s"] > 0
+        assert 0 < lv["ttft_p50_ms"] <= lv["ttft_p99_ms"] and 0 < lv["itl_p50_ms"] <= lv["itl_p99_ms"]
+    assert levels[0]["engine_output_tokens_per_s"] > 0 and "engine_output_tokens_per_s" not in levels[2]
+    assert out.with_suffix(".png").stat().st_size > 0
+    assert "| 2 clients |" in capsys.readouterr().out
