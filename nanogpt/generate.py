@@ -33,10 +33,11 @@ class StaticKVCache(KVCache):
     the next position is a (1,) device tensor that the caller sets (shared by all layers). A decoding
     step then reads no host value, so a CUDA graph can replay it; `len` stays 0. Position p goes to slot
     p % max_len: a rotary model's cache rolls past max_len (one position at a time; then every slot is
-    visible), a learned-position model never gets there (generate recomputes)."""
+    visible); a learned-position one (rolling=False) refuses a position past max_len, checked on the
+    host outside a graph's capture (a replay runs no Python; generate recomputes before it gets there)."""
 
-    def __init__(self, max_len: int, pos: torch.Tensor):
-        super().__init__(max_len)
+    def __init__(self, max_len: int, pos: torch.Tensor, rolling: bool = True):
+        super().__init__(max_len, rolling)
         self.pos = pos
 
     def positions(self, T: int, device: torch.device) -> torch.Tensor:
@@ -44,7 +45,12 @@ class StaticKVCache(KVCache):
 
     def append(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         positions = self.positions(kv.size(3), kv.device)  # (T,)
-        k, v = self._storage(kv).index_copy_(3, positions % self.max_len, kv).unbind(0)
+        capturing = kv.is_cuda and torch.cuda.is_current_stream_capturing()
+        if not self.rolling and not capturing and int(positions[-1]) >= self.max_len:
+            raise NanoGPTError(
+                f"the KV cache holds {self.max_len} positions: it cannot take position {int(positions[-1])}"
+            )
+        k, v = self.storage(kv).index_copy_(3, positions % self.max_len, kv).unbind(0)
         visible = torch.arange(self.max_len, device=kv.device) <= positions[:, None]  # (T, max_len)
         return k, v, visible
 
@@ -55,7 +61,7 @@ def new_kv_cache(model: GPT, max_len: int, device: torch.device) -> list[KVCache
     if device.type != "cuda":
         return [KVCache(max_len, rolling=model.config.position == "rope") for _ in model.transformer.h]
     pos = torch.zeros(1, dtype=torch.long, device=device)
-    return [StaticKVCache(max_len, pos) for _ in model.transformer.h]
+    return [StaticKVCache(max_len, pos, rolling=model.config.position == "rope") for _ in model.transformer.h]
 
 
 class CUDAGraphStep:

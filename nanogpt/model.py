@@ -103,7 +103,7 @@ class KVCache:
         """The positions of the next T tokens, (T,)."""
         return torch.arange(self.len, self.len + T, dtype=torch.long, device=device)
 
-    def _storage(self, kv: torch.Tensor) -> torch.Tensor:
+    def storage(self, kv: torch.Tensor) -> torch.Tensor:
         """The (2, B, nh, max_len, hs) buffer, allocated at the first append in kv's dtype. Zeros: a cache
         that attends over unfilled slots with weight 0 (generate.StaticKVCache) must not read 0 * NaN."""
         if self.kv is None:
@@ -117,7 +117,7 @@ class KVCache:
         a cache of sequences of different lengths gives one mask per sequence, (B, 1, T, S))."""
         T = kv.size(3)
         slot = self.len if self.len + T <= self.max_len else self._oldest_slot(T)
-        self._storage(kv)[:, :, :, slot : slot + T] = kv  # one copy for keys and values: decoding is op-bound
+        self.storage(kv)[:, :, :, slot : slot + T] = kv  # one copy for keys and values: decoding is op-bound
         self.len += T
         k, v = self.kv[:, :, :, : min(self.len, self.max_len)].unbind(0)
         return k, v, None

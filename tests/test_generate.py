@@ -113,3 +113,15 @@ def test_decoding_steps_leave_onednn_only_in_float32_on_a_cpu():
     with pytest.raises(ValueError), one_position_kernels(cpu, torch.float32):
         raise ValueError
     assert onednn()
+
+
+def test_a_static_cache_of_learned_positions_refuses_to_wrap():
+    """Past max_len a learned-position model's static cache would write position p into slot p % max_len
+    over a key still in use: it refuses (a rotary one rolls there, tested in test_model_options)."""
+    model = tiny_model()
+    pos = torch.zeros(1, dtype=torch.long)
+    cache = [StaticKVCache(4, pos, rolling=False) for _ in model.transformer.h]
+    model(torch.zeros(1, 4, dtype=torch.long), kv_cache=cache)
+    pos.fill_(4)
+    with pytest.raises(NanoGPTError, match="holds 4 positions: it cannot take position 4"):
+        model(torch.zeros(1, 1, dtype=torch.long), kv_cache=cache)
