@@ -56,6 +56,20 @@ def test_every_relative_link_resolves(page: Path):
     assert not broken_links(page), f"{page.relative_to(REPO)}: broken links {broken_links(page)}"
 
 
+def test_the_readme_lists_every_command():
+    from nanogpt.cli import COMMANDS
+
+    table = [
+        line
+        for line in (REPO / "README.md").read_text(encoding="utf-8").splitlines()
+        if line.startswith("| `nanogpt ")
+    ]
+    listed = {line.split("`")[1].split()[1] for line in table}
+    assert listed == set(COMMANDS), (
+        f"README's command table: missing {set(COMMANDS) - listed}, extra {listed - set(COMMANDS)}"
+    )
+
+
 HISTORY = re.compile(
     r"\bissue #?\d+|\(was:|\bwas: |after the structure change|previous session", re.IGNORECASE
 )
