@@ -104,6 +104,17 @@ def test_language_modeling_needs_every_token_greedy():
 def test_centered_accuracy():
     assert centered(0.25, 25.0) == 0.0 and centered(1.0, 25.0) == 1.0
     assert centered(0.5, 40.3) == pytest.approx((0.5 - 0.403) / 0.597)
+    # every item skipped: no figures (JSON null, never NaN), and no part in CORE
+    from nanogpt.evals.report import task_result
+
+    r = task_result(TASKS["copa"], [], skipped=5)
+    assert (r["accuracy"], r["centered"], r["acc"], r["acc_norm"], r["skipped"]) == (
+        None,
+        None,
+        None,
+        None,
+        5,
+    )
 
 
 # nanochat's core_eval.py templates, the reference for how prompts are rendered

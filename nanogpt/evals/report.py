@@ -35,15 +35,15 @@ def prompt_task(
 
 
 def task_result(task: Task, verdicts: list[ItemScore], skipped: int) -> dict[str, Any]:
+    """A task's figures; None where no item was scored (all skipped) or the metric does not apply."""
     n = len(verdicts)
-    mean = lambda values: sum(values) / n if n else float("nan")
+    mean = lambda values: sum(values) / n if n and values else None
     accuracy = mean([v.correct for v in verdicts])
-    norms = [v.acc_norm for v in verdicts if v.acc_norm is not None]
     return {
         "accuracy": accuracy,
         "acc": mean([v.acc for v in verdicts]),
-        "acc_norm": mean(norms) if norms else None,
-        "centered": centered(accuracy, task.random_baseline),
+        "acc_norm": mean([v.acc_norm for v in verdicts if v.acc_norm is not None]),
+        "centered": None if accuracy is None else centered(accuracy, task.random_baseline),
         "items": n,
         "skipped": skipped,
         "shots": task.shots,
@@ -77,11 +77,12 @@ def format_results(result: dict[str, Any]) -> str:
         f"{'task':<34} {'shots':>5} {'type':<17} {'items':>6} {'accuracy':>8} {'centered':>8} {'acc':>7} {'acc_norm':>8}"
     ]
     for name, r in result["tasks"].items():
-        norm = "" if r["acc_norm"] is None else f"{r['acc_norm']:.4f}"
+        acc, centered_acc, lm_acc, norm = (
+            "" if r[k] is None else f"{r[k]:.4f}" for k in ("accuracy", "centered", "acc", "acc_norm")
+        )
         skipped = f" ({r['skipped']} skipped)" if r["skipped"] else ""
         lines.append(
-            f"{name:<34} {r['shots']:>5} {r['type']:<17} {r['items']:>6} {r['accuracy']:>8.4f} "
-            f"{r['centered']:>8.4f} {r['acc']:>7.4f} {norm:>8}{skipped}"
+            f"{name:<34} {r['shots']:>5} {r['type']:<17} {r['items']:>6} {acc:>8} {centered_acc:>8} {lm_acc:>7} {norm:>8}{skipped}"
         )
     if result["core"] is not None:
         lines.append(
