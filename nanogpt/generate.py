@@ -128,14 +128,10 @@ class CachedDecoder:
         self.length = 0  # positions read so far
 
     def prefill(self, idx: torch.Tensor) -> torch.Tensor:
-        """Logits (B, 1, V) of the next token after the prompts idx (B, T). A rotary model's prompt
-        longer than the cache: the rest one step at a time, as the cache rolls."""
-        size = self.cache[0].max_len
-        logits, _ = self.model(idx[:, :size], kv_cache=self.cache)
-        self.length = min(size, idx.size(1))
-        for t in range(size, idx.size(1)):
-            logits = self.step(idx[:, t : t + 1])
-        return logits
+        """Logits (B, 1, V) of the next token after the prompts idx (B, T): GPT.prefill, a rotary model's
+        prompt longer than the cache rolling in through `step` (this device's fastest)."""
+        self.length = min(self.cache[0].max_len, idx.size(1))  # after the first chunk: where `step` goes on
+        return self.model.prefill(idx, self.cache, self.step)
 
     def step(self, token: torch.Tensor) -> torch.Tensor:
         """Logits (B, 1, V) of the next token after token (B, 1)."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -506,13 +507,20 @@ class GPT(nn.Module):
         keep = cfg.block_size if cfg.position == "learned" else cfg.n_layer * (cfg.block_size - 1) + 1
         return idx[:, -keep:]
 
-    def prefill(self, idx: torch.Tensor, kv_cache: list[KVCache]) -> torch.Tensor:
+    def prefill(
+        self,
+        idx: torch.Tensor,
+        kv_cache: list[KVCache],
+        step: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """Read prompts idx (B, T) into empty caches -> logits (B, 1, V) of the next token. A rotary
-        model's prompt longer than the caches: the rest one position at a time, as they roll."""
+        model's prompt longer than the caches: the rest one position at a time, as they roll, each
+        through `step` (token (B, 1) -> logits; default: a forward pass with the caches)."""
         size = kv_cache[0].max_len
         logits, _ = self(idx[:, :size], kv_cache=kv_cache)
         for t in range(size, idx.size(1)):
-            logits, _ = self(idx[:, t : t + 1], kv_cache=kv_cache)
+            token = idx[:, t : t + 1]
+            logits = self(token, kv_cache=kv_cache)[0] if step is None else step(token)
         return logits
 
     @torch.no_grad()
