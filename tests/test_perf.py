@@ -129,6 +129,18 @@ def test_matmul_peak_is_2_n_cubed_over_the_fastest_run(fake_matmuls):
     assert matmul_peak_flops.__wrapped__("cpu", torch.float32, repeats=3) == 2 * 2048**3 / 0.007
 
 
+def test_matmul_peak_repeats_stop_once_they_have_taken_long_enough(fake_matmuls):
+    """A CPU's 2048 matmul takes ~0.2 s: 3 repeats, not 10; a GPU's take ~1 ms: all 10."""
+    _, seconds = fake_matmuls
+    measure = matmul_peak_flops.__wrapped__
+    seconds += [0.0] * 4 + [0.3, 0.2, 0.25] + [9.0]  # the sizes, then 3 repeats reach 0.5 s: 9.0 not used
+    assert measure("cpu", torch.float32) == 2 * 2048**3 / 0.2
+    assert seconds == [9.0]
+    seconds.clear()
+    seconds += [0.0] * 4 + [0.001] * 9 + [0.0005]  # all 10 repeats: the last is the fastest
+    assert measure("cpu", torch.float32) == 2 * 2048**3 / 0.0005 and seconds == []
+
+
 @pytest.mark.parametrize("use_cache", [True, False])
 def test_generation_timer_counts_all_sequences(use_cache, monkeypatch):
     """tokens/s = batch x new tokens / the median wall time of the generate() runs."""
