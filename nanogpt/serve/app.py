@@ -45,6 +45,8 @@ from nanogpt.serve.protocol import (
     TokenText,
     chat_logprobs,
     check_completion_count,
+    check_context,
+    checked_token_ids,
     legacy_logprobs,
     options_of,
     parse,
@@ -242,10 +244,7 @@ class Api:
         return ids or [tokenizer.eot]  # an empty prompt starts a document
 
     def token_ids(self, ids: list[int], param: str) -> list[int]:
-        vocab = self.state.ready().model.config.vocab_size
-        if not ids or not all(0 <= t < vocab for t in ids):
-            raise ApiError(400, f"token ids must be 1 or more in 0..{vocab - 1}", param, "invalid_prompt")
-        return list(ids)
+        return checked_token_ids(ids, self.state.ready().model.config.vocab_size, param)
 
     def prompts_of(self, request: CompletionRequest) -> list[list[int]]:
         """The prompt(s) as token ids, in OpenAI's four forms: a string, a list of strings, a list of
@@ -271,12 +270,7 @@ class Api:
         device = served.model.lm_head.weight.device
         out = []
         for ids in prompts:
-            if len(ids) >= context and not rolling:
-                message = (
-                    f"the prompt is {len(ids)} tokens; this model's context is {context} tokens and must "
-                    f"hold the prompt and at least one new token"
-                )
-                raise ApiError(400, message, "prompt", "context_length_exceeded")
+            check_context(len(ids), context, rolling)
             asked = default if options.max_tokens is None else options.max_tokens
             room = context if rolling else context - len(ids)
             max_tokens = min(asked, settings.max_tokens or context, room)

@@ -236,6 +236,23 @@ def chat_texts(messages: list[ChatMessage]) -> list[tuple[str, str]]:
     ]
 
 
+def checked_token_ids(ids: list[int], vocab_size: int, param: str) -> list[int]:
+    """A prompt given as token ids: at least one, each in the vocabulary."""
+    if not ids or not all(0 <= t < vocab_size for t in ids):
+        raise ApiError(400, f"token ids must be 1 or more in 0..{vocab_size - 1}", param, "invalid_prompt")
+    return list(ids)
+
+
+def check_context(prompt_tokens: int, context: int, rolling: bool) -> None:
+    """A learned-position model's context must hold the prompt and one new token (a rotary one rolls)."""
+    if prompt_tokens >= context and not rolling:
+        message = (
+            f"the prompt is {prompt_tokens} tokens; this model's context is {context} tokens and must "
+            f"hold the prompt and at least one new token"
+        )
+        raise ApiError(400, message, "prompt", "context_length_exceeded")
+
+
 def render_chat(messages: list[ChatMessage]) -> str:
     """The plain template for base models: one "Role: content" line per message, then "Assistant:"."""
     lines = [f"{CHAT_ROLES[role]}: {text}" for role, text in chat_texts(messages)]
