@@ -301,3 +301,29 @@ def test_gguf_of_a_gpt4_pattern_bpe_tokenizes_as_ours_in_transformers(tmp_path):
     hf_tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     for text in ["To be, or not to be:  that's 12345 it.\n\n\n  x", "Ünïcödé 日本語\r\n\tYOU'LL'VE ok  "]:
         assert hf_tok.encode(text, add_special_tokens=False) == tok.encode(text), text
+
+
+def test_gpt4_split_equals_llama_bpe_except_at_trailing_whitespace_with_a_newline():
+    """llama.cpp's `llama-bpe` split (llama-vocab.cpp, LLAMA_VOCAB_PRE_TYPE_LLAMA3) against our gpt4 pattern
+    on random short texts: the only texts split otherwise end in whitespace that holds a newline before a
+    space or tab (the documented difference); most texts of that kind are covered many times."""
+    import random
+
+    regex = pytest.importorskip("regex")
+    from nanogpt.data.tokenizers import GPT4_PATTERN
+
+    llama_bpe = regex.compile(
+        r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+        r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+    )
+    ours = regex.compile(GPT4_PATTERN)
+    alphabet = [*"ab Z1 2\n\r\t'.,!sStTlLé日", "  ", "\n\n", "'ll", "'VE"]
+    rng = random.Random(0)
+    differ = 0
+    for _ in range(20_000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 12)))
+        if ours.findall(text) != llama_bpe.findall(text):
+            tail = regex.search(r"\s*$", text).group(0)
+            assert ("\n" in tail or "\r" in tail) and tail[-1] in " \t", repr(text)
+            differ += 1
+    assert 0 < differ < 1_000  # measured: 3,198 of 200,000 texts, every one of the documented kind
