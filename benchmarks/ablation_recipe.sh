@@ -8,7 +8,7 @@
 #   bash benchmarks/ablation_recipe.sh                                   # the real thing: ~8 h for 24 x 2 runs
 #   bash benchmarks/ablation_recipe.sh --only=baseline,modern --seeds=3  # some rows, more seeds
 #   bash benchmarks/ablation_recipe.sh --only=baseline,rope,muon --seeds=1 --max_seconds=300 \
-#       --out=runs/screen                                                # README's 5-minute screening
+#       --out=runs/screen                                                # benchmarks/README.md's 5-minute screening
 #   bash benchmarks/ablation_recipe.sh --max_seconds=30 --seeds=1 --only=baseline,rope,muon,modern \
 #       --out=runs/ablation_smoke                                        # does the runner work?
 #

@@ -1,6 +1,6 @@
 """Side by side: the val-loss curves of several training runs in one picture, and a table of what each
 reached (its last and best val loss, its wall time per iteration). How the shakespeare_char_cpu_fast
-preset was chosen (README "Results").
+preset was chosen (benchmarks/README.md, "Training to quality").
 
     python benchmarks/compare_runs.py out/base:"4x256, lr 2e-3" out/deep:"6x192" --png=curves.png
 

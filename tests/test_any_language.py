@@ -193,7 +193,7 @@ def _valid_utf8(data: bytes) -> bool:
 
 @pytest.mark.slow
 def test_end_to_end_prepare_train_sample_eval_in_another_language(tmp_path, capsys):
-    """The README walk-through, small: a folder of text -> bpe 2048 -> train -> sample -> eval."""
+    """docs/data.md's walk-through, small: a folder of text -> bpe 2048 -> train -> sample -> eval."""
     write_corpus(tmp_path / "texts", 3_000_000, seed=0)
     data, out = str(tmp_path / "data"), str(tmp_path / "out")
     assert (
