@@ -404,6 +404,7 @@ def _prepare_documents(
             f"{name} separates documents with GPT-2's end-of-text token: it needs --tokenizer gpt2"
         )
     files = source_files(source) if source is not None else None
+    before = stamps(files) if files else None
     docs, sha256 = hf_corpus.load_documents(files, spec.hub)
     described = [str(p) for p in files] if files else "hf:" + "/".join(filter(None, spec.hub))
     split = {"val_fraction": val_fraction, "names": list(spec.splits), "unit": "documents"}
@@ -422,6 +423,8 @@ def _prepare_documents(
     }
     with staged(out) as folder:
         counts = write_tokens(folder, spec.splits, items, token_dtype(tok.vocab_size))
+        if files:
+            check_unchanged(files, before)
         meta = _finish(folder, meta, tok, counts)
     return _announce(meta, out)
 
