@@ -212,3 +212,20 @@ def test_a_variant_may_not_set_the_dataset(tmp_path, capsys):
     variants.write_text('[odd]\ndataset = "text8"\n')
     assert cli(["experiment", f"--variants={variants}"]) == 1
     assert "variant 'odd'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["../../escape", "a/b", "..", "/tmp/abs_escape", "back\\\\slash"])
+def test_a_variant_name_that_is_not_a_plain_folder_name_is_refused(name, tmp_path, capsys):
+    """A variant's name becomes OUT/NAME/: a path there would write runs outside --out."""
+    variants = tmp_path / "v.toml"
+    variants.write_text(f"[{json.dumps(name)}]\nn_layer = 2\n")
+    assert cli(["experiment", f"--variants={variants}", f"--out={tmp_path / 'runs'}"]) == 1
+    err = capsys.readouterr().err
+    assert f"variant of {variants} {name!r} cannot be a folder name inside --out" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v.toml"]
+
+
+def test_a_dataset_name_that_is_not_a_plain_folder_name_is_refused(tmp_path, capsys):
+    assert cli(["experiment", "--datasets=../up", f"--out={tmp_path / 'runs'}"]) == 1
+    assert "dataset '../up' cannot be a folder name" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

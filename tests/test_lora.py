@@ -3,7 +3,10 @@ with Hugging Face peft's LoRA, and a LoRA run saves adapters + a base reference 
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -182,3 +185,57 @@ def test_a_changed_base_is_refused(data_dir, base_run, tmp_path):
 def test_lora_needs_a_base(data_dir, tmp_path):
     with pytest.raises(NanoGPTError, match="init_from"):
         tiny_train_config(data_dir, tmp_path, lora_rank=4)
+
+
+@pytest.mark.parametrize(
+    "change, named",
+    [
+        (dict(lora_rank=8), "lora_rank=8 (checkpoint: 4)"),
+        (dict(lora_alpha=32.0), "lora_alpha=32.0 (checkpoint: 8.0)"),
+        (dict(lora_targets="c_attn"), "lora_targets='c_attn' (checkpoint: 'c_attn,c_proj,c_fc')"),
+        (dict(lora_dropout=0.2), "lora_dropout=0.2 (checkpoint: 0.1)"),
+    ],
+)
+def test_resume_with_other_lora_options_is_refused(data_dir, base_run, tmp_path, change, named):
+    """The adapters in the checkpoint have its rank, scale and targets: other values given are refused,
+    nothing written (they were once recorded in config.json as used while the checkpoint's applied)."""
+    out = tmp_path / "lora"
+    train(lora_run(data_dir, base_run, out, max_iters=3))
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != ".lock"}
+    with pytest.raises(NanoGPTError, match=re.escape(named)):
+        train(lora_run(data_dir, base_run, out, init_from="resume", **change))
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != ".lock"} == before
+
+
+def test_a_bare_resume_of_a_lora_run_records_the_adapters_it_trains(data_dir, base_run, tmp_path):
+    out = tmp_path / "lora"
+    train(lora_run(data_dir, base_run, out, max_iters=3))
+    # no LoRA option at all: the checkpoint's adapters continue, and the records say so
+    cfg = tiny_train_config(data_dir, out, init_from="resume", max_iters=6, eval_iters=2, bias=True)
+    train(cfg)
+    ckpt, written = load_checkpoint(out), json.loads((out / "config.json").read_text())
+    for config in (ckpt["config"], written):
+        assert (config["lora_rank"], config["lora_alpha"], config["lora_dropout"]) == (4, 8.0, 0.1)
+    assert ckpt["lora"]["rank"] == 4 and ckpt["iter_num"] == 6
+
+
+def test_lora_on_a_run_without_adapters_is_refused_on_resume(data_dir, base_run, tmp_path):
+    out = Path(shutil.copytree(base_run, tmp_path / "full"))
+    with pytest.raises(NanoGPTError, match=re.escape("lora_rank=4 (checkpoint: 0)")):
+        train(tiny_train_config(data_dir, out, init_from="resume", max_iters=6, lora_rank=4, bias=True))
+
+
+def test_lora_rank_and_alpha_ranges(data_dir, base_run, tmp_path):
+    with pytest.raises(NanoGPTError, match=r"lora_rank=33 exceeds the adapted Linears' width \(32"):
+        train(lora_run(data_dir, base_run, tmp_path / "wide", lora_rank=33))
+    with pytest.raises(NanoGPTError, match="lora_alpha must be positive"):
+        LoRAConfig(rank=4, alpha=0.0)
+    assert not (tmp_path / "wide").exists()
+
+
+def test_a_deleted_base_is_named_as_this_runs_base(data_dir, base_run, tmp_path):
+    base = Path(shutil.copytree(base_run, tmp_path / "base"))
+    train(lora_run(data_dir, base, tmp_path / "lora", max_iters=3))
+    shutil.rmtree(base)
+    with pytest.raises(NanoGPTError, match=rf"this LoRA run's base model '{re.escape(str(base))}' is gone"):
+        load_model(tmp_path / "lora")

@@ -160,3 +160,23 @@ def test_fsdp_with_muon_is_refused(data_dir, tmp_path):
     result = torchrun(tiny(data_dir, tmp_path / "out", optimizer="muon", parallel="fsdp"), tmp_path)
     assert result.returncode != 0
     assert "FSDP shards them" in result.stdout + result.stderr
+
+
+def test_resume_with_the_other_optimizer_is_refused(data_dir, tmp_path, capsys):
+    """Muon's state (momentum buffers) and AdamW's (moments, steps) do not convert: one line, files kept
+    (was a KeyError from torch's state loading)."""
+    from nanogpt.cli import main as cli
+
+    for trained, other in (("muon", "adamw"), ("adamw", "muon")):
+        out = tmp_path / trained
+        cfg = tiny_train_config(data_dir, out, optimizer=trained, max_iters=2, eval_interval=2, eval_iters=1)
+        train(cfg)
+        before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != ".lock"}
+        argv = [
+            f"--{k}={v}" for k, v in vars(cfg).items() if k not in ("optimizer", "init_from", "max_iters")
+        ]
+        capsys.readouterr()
+        assert cli(["train", *argv, "--init_from=resume", "--max_iters=4", f"--optimizer={other}"]) == 1
+        err = capsys.readouterr().err
+        assert f"optimizer='{other}' (checkpoint: '{trained}')" in err and len(err.strip().splitlines()) == 1
+        assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != ".lock"} == before
