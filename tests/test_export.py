@@ -210,7 +210,7 @@ def test_hf_export_tokenizer_loads_in_transformers_and_generates_our_ids(tmp_pat
 
 
 @pytest.mark.slow
-def test_hf_export_never_deletes_what_it_did_not_write(tmp_path, gpt2_run, capsys):
+def test_hf_export_never_deletes_what_it_did_not_write(tmp_path, gpt2_run, capsys, monkeypatch):
     """A folder holding anything but an earlier export, the source run or a folder holding it, a file:
     refused with one line, every file as it was. An earlier export (its mark) is replaced."""
     folder, _ = gpt2_run
@@ -231,6 +231,10 @@ def test_hf_export_never_deletes_what_it_did_not_write(tmp_path, gpt2_run, capsy
         assert cli_main([*export_hf, f"--to={to}"]) == 1
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err, err
+    monkeypatch.chdir(tmp_path / "sandbox")
+    assert cli_main(["export", "--out_dir=model", "--format=hf", "--to=."]) == 1  # the working directory
+    assert "holding the source" in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path)
     assert sorted(str(p) for p in tmp_path.rglob("*")) == before
     assert cli_main([*export_hf, f"--to={tmp_path / 'hf'}", "--dtype=bfloat16"]) == 0
     assert cli_main([*export_hf, f"--to={tmp_path / 'hf'}", "--dtype=float16"]) == 0  # replaces its own
