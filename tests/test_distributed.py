@@ -4,6 +4,7 @@ process with the same global batch, and a failing rank ends the job instead of h
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import pytest
 from conftest import tiny_train_config
 
 from nanogpt.checkpoint import load_checkpoint
+from nanogpt.processes import die_with_parent
 from nanogpt.train.config import TrainConfig
 from nanogpt.train.metrics import read_metrics
 from nanogpt.train.trainer import train
@@ -68,6 +70,19 @@ def tiny(data_dir: Path, out_dir: Path, **overrides) -> TrainConfig:
 def torchrun(
     cfg: TrainConfig, tmp_path: Path, timeout: float = 120, **env: str
 ) -> subprocess.CompletedProcess:
+    cmd, env = torchrun_command(cfg, tmp_path, **env)
+    return subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=timeout,
+                          preexec_fn=ends_with_this_process())  # fmt: skip
+
+
+def ends_with_this_process():
+    """A preexec_fn: the child (torchrun) is killed when this test process ends, however it ends; its
+    workers end with it (distributed.init arms them)."""
+    parent = os.getpid()
+    return lambda: die_with_parent(parent)
+
+
+def torchrun_command(cfg: TrainConfig, tmp_path: Path, **env: str) -> tuple[list[str], dict[str, str]]:
     launcher = tmp_path / "launch.py"
     launcher.write_text(LAUNCHER)
     with socket.socket() as s:  # a free port on loopback
@@ -78,7 +93,7 @@ def torchrun(
         env["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
            f"--master_port={port}", str(launcher), "train", *[f"--{k}={v}" for k, v in vars(cfg).items()]]  # fmt: skip
-    return subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=timeout)
+    return cmd, env
 
 
 def assert_same_losses(a: Path, b: Path) -> None:
@@ -118,3 +133,46 @@ def test_failing_rank_ends_the_job(data_dir, tmp_path):
     assert result.returncode != 0
     assert "injected failure on rank 1" in output
     assert time.time() - start < 100  # ended, not hung until the timeout
+
+
+def children(pid: int) -> set[int]:
+    """The pids of a process's children (Linux /proc)."""
+    tasks = Path(f"/proc/{pid}/task").iterdir()
+    return {int(c) for task in tasks for c in (task / "children").read_text().split()}
+
+
+def running(pid: int) -> bool:
+    """Whether pid is a process that has not ended (a zombie has)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads child processes from /proc")
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM])
+def test_workers_end_when_torchrun_ends(data_dir, tmp_path, how):
+    """kill -9 of torchrun (which cannot forward anything) or SIGTERM: no worker outlives it by 5 s."""
+    out = tmp_path / "out"
+    cmd, env = torchrun_command(tiny(data_dir, out, max_iters=1_000_000, eval_interval=1_000_000), tmp_path)
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            preexec_fn=ends_with_this_process())  # fmt: skip
+    workers: set[int] = set()
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, "torchrun never reached training"
+            time.sleep(0.1)  # polling for the first logged step, not racing it
+        workers = children(proc.pid)
+        assert len(workers) == 2
+        proc.send_signal(how)
+        deadline = time.monotonic() + 5
+        while any(running(w) for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not [w for w in workers if running(w)]
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+        for worker in filter(running, workers):  # a failed check leaves none behind either
+            os.kill(worker, signal.SIGKILL)

@@ -15,6 +15,7 @@ import torch.distributed as dist
 from torch import nn
 
 from nanogpt.errors import NanoGPTError
+from nanogpt.processes import die_with_parent
 
 
 @dataclass
@@ -33,6 +34,8 @@ def init(device: str, backend: str) -> DistEnv:
     """Join the torchrun job if there is one (RANK is set), else a single process."""
     if "RANK" not in os.environ:
         return DistEnv()
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # a worker of torchrun's agent: ends with it, even after kill -9
+        die_with_parent(os.getppid())
     env = DistEnv(int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]), True)
     if backend == "auto":
         backend = "nccl" if device.startswith("cuda") else "gloo"
