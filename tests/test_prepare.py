@@ -502,7 +502,7 @@ def _start_parallel_prepare(tmp_path: Path) -> tuple[subprocess.Popen, Path, dic
 
 
 def _alive(pids: list[int]) -> list[int]:
-    import psutil
+    psutil = pytest.importorskip("psutil")  # in the dev extra through peft
 
     def running(pid: int) -> bool:
         try:
@@ -522,7 +522,7 @@ def test_no_worker_outlives_a_parallel_prepare_however_it_is_stopped(tmp_path, s
     import signal
     import time
 
-    import psutil
+    psutil = pytest.importorskip("psutil")  # in the dev extra through peft
 
     if (os.cpu_count() or 1) < 2:
         pytest.skip("--num_proc 2 is capped to the one core here: no workers to watch")
