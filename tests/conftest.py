@@ -38,6 +38,15 @@ def data_dir(tmp_path_factory, sources_dir: Path) -> Path:
     return out
 
 
+def ends_with_this_process():
+    """A subprocess preexec_fn: the child is killed when this test process ends, however it ends (no
+    training or torchrun process outlives a killed pytest; torchrun's workers end with torchrun)."""
+    from nanogpt.processes import die_with_parent
+
+    parent = os.getpid()
+    return lambda: die_with_parent(parent)
+
+
 def tiny_train_config(data_dir: Path, out_dir: Path, **overrides):
     """A TrainConfig for a 2-layer model on shakespeare_char that trains in milliseconds per step, on
     the CPU in float32 (so results compare bit for bit); tests override what they exercise."""

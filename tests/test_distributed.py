@@ -13,10 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import tiny_train_config
+from conftest import ends_with_this_process, tiny_train_config
 
 from nanogpt.checkpoint import load_checkpoint
-from nanogpt.processes import die_with_parent
 from nanogpt.train.config import TrainConfig
 from nanogpt.train.metrics import read_metrics
 from nanogpt.train.trainer import train
@@ -73,13 +72,6 @@ def torchrun(
     cmd, env = torchrun_command(cfg, tmp_path, **env)
     return subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=timeout,
                           preexec_fn=ends_with_this_process())  # fmt: skip
-
-
-def ends_with_this_process():
-    """A preexec_fn: the child (torchrun) is killed when this test process ends, however it ends; its
-    workers end with it (distributed.init arms them)."""
-    parent = os.getpid()
-    return lambda: die_with_parent(parent)
 
 
 def torchrun_command(cfg: TrainConfig, tmp_path: Path, **env: str) -> tuple[list[str], dict[str, str]]:

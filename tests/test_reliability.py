@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_train_config
+from conftest import ends_with_this_process, tiny_train_config
 
 from nanogpt.checkpoint import load_checkpoint, save_checkpoint
 from nanogpt.cli import main as cli
@@ -363,7 +363,8 @@ def test_ctrl_c_during_imports_exits_130_without_a_traceback(data_dir, tmp_path)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     argv = ["train", "shakespeare_char_cpu", f"--data_dir={data_dir}", "--max_iters=1000000", "--device=cpu"]
     proc = subprocess.Popen([sys.executable, "-m", "nanogpt", *argv], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=ends_with_this_process())  # fmt: skip
     time.sleep(0.3)  # python is up; torch is being imported
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)

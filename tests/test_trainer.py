@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_train_config
+from conftest import ends_with_this_process, tiny_train_config
 
 from nanogpt.checkpoint import load_checkpoint, model_from_checkpoint, resume_path, save_checkpoint
 from nanogpt.errors import NanoGPTError
@@ -116,7 +116,13 @@ def test_sigterm_saves_and_resumes_exactly(data_dir, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "nanogpt", "train", *cli_args(cfg)]
     proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        preexec_fn=ends_with_this_process(),
     )
     deadline = time.time() + 60
     while not loss_by_iter(stopped) and proc.poll() is None and time.time() < deadline:
@@ -183,7 +189,8 @@ def test_kill_9_during_saves_leaves_a_good_checkpoint_and_resumes(data_dir, tmp_
     for attempt in range(3):
         args = cli_args(set_fields(cfg, {"init_from": "resume"}, "test") if attempt else cfg)
         proc = subprocess.Popen([sys.executable, "-m", "nanogpt", "train", *args], env=env, cwd=tmp_path,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=ends_with_this_process())  # fmt: skip
         before = load_checkpoint(out)["iter_num"] if attempt else 0
         deadline = time.time() + 60
         while (
