@@ -21,7 +21,7 @@ import torch
 from torch.nn import functional as F
 
 from nanogpt.errors import NanoGPTError
-from nanogpt.model import GPT, KVCache, validate_prompt
+from nanogpt.model import GPT, KVCache, decodable_logits, validate_prompt
 from nanogpt.model import Sampling as Sampling  # defined beside sample_next_token; callers import it here
 from nanogpt.model import SamplingError as SamplingError
 
@@ -257,7 +257,8 @@ class Penalties:
 class Draw(NamedTuple):
     """A sequence's next token; with log-probs asked, its log-probability under the model's own
     distribution (the log-softmax of its logits: before temperature, penalties and bias, as vLLM reports
-    them) and the `top` likeliest (token, log-prob) pairs. error: why no token could be drawn (token -1)."""
+    them; over the ids the tokenizer can decode) and the `top` likeliest (token, log-prob) pairs. error:
+    why no token could be drawn (token -1)."""
 
     token: int
     logprob: float | None = None
@@ -268,17 +269,21 @@ class Draw(NamedTuple):
 NOT_FINITE = "the model's logits are not finite (NaN or inf): its weights may be broken"
 
 
-def logprobs_of(logits: torch.Tensor, token: int, top: int) -> tuple[float, tuple[tuple[int, float], ...]]:
-    """logits (V,) -> the log-prob of token and the `top` likeliest (token, log-prob) pairs."""
-    logprobs = F.log_softmax(logits.float(), dim=-1)
+def logprobs_of(
+    logits: torch.Tensor, token: int, top: int, vocab_size: int | None = None
+) -> tuple[float, tuple[tuple[int, float], ...]]:
+    """logits (V,) -> the log-prob of token and the `top` likeliest (token, log-prob) pairs, over the
+    ids below vocab_size (the tokenizer's: padded ids are never listed; None: all V)."""
+    logprobs = F.log_softmax(decodable_logits(logits.float(), vocab_size), dim=-1)
+    top = min(top, logprobs.size(-1), vocab_size or logprobs.size(-1))
     values, ids = torch.topk(logprobs, top) if top else (logprobs[:0], logprobs[:0])
     return float(logprobs[token]), tuple(zip(ids.tolist(), values.tolist(), strict=True))
 
 
 @torch.inference_mode()
-def prompt_logprobs(model: GPT, prompt: list[int], top: int) -> list[Draw]:
+def prompt_logprobs(model: GPT, prompt: list[int], top: int, vocab_size: int | None = None) -> list[Draw]:
     """Each prompt token with its log-prob given the tokens before it, and the `top` likeliest there
-    (the first token has none): one forward pass over the prompt."""
+    (the first token has none), over the ids below vocab_size (logprobs_of): one forward pass."""
     idx = torch.tensor([prompt], device=model.lm_head.weight.device)  # (1, T)
     targets = torch.cat(
         (idx[:, 1:], idx.new_full((1, 1), -1)), dim=1
@@ -286,7 +291,8 @@ def prompt_logprobs(model: GPT, prompt: list[int], top: int) -> list[Draw]:
     logits, _ = model(idx, targets)  # (1, T, V)
     if not bool(torch.isfinite(logits).all()):
         return [Draw(-1, error=NOT_FINITE)]
-    return [Draw(prompt[0])] + [Draw(t, *logprobs_of(logits[0, i], t, top)) for i, t in enumerate(prompt[1:])]
+    draws = [Draw(t, *logprobs_of(logits[0, i], t, top, vocab_size)) for i, t in enumerate(prompt[1:])]
+    return [Draw(prompt[0]), *draws]
 
 
 class BatchKVCache(KVCache):
@@ -367,14 +373,16 @@ class BatchDecoder:
         return self.rows - len(self.keys)
 
     def _draw(self, logits: torch.Tensor, row: Row) -> Draw:
-        """logits (1, V) -> the row's next token."""
+        """logits (1, V) -> the row's next token, below its sampling's vocab_size (as are its log-probs)."""
         logits = logits.float()
         if not bool(torch.isfinite(logits).all()):  # also keeps a CUDA multinomial from a device assert
             return Draw(-1, error=NOT_FINITE)
         token = int(row.sampling.draw(row.penalties.apply(logits, row.counts), row.generator))
         if row.counts is not None:
             row.counts[token] += 1
-        return Draw(token) if row.top is None else Draw(token, *logprobs_of(logits[0], token, row.top))
+        if row.top is None:
+            return Draw(token)
+        return Draw(token, *logprobs_of(logits[0], token, row.top, row.sampling.vocab_size))
 
     @torch.inference_mode()
     def join(

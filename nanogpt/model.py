@@ -589,15 +589,21 @@ class SamplingError(NanoGPTError):
 class Sampling:
     """How the next token is drawn from the logits (sample_next_token), checked once here for every
     caller: temperature 0 is greedy, top_k keeps the k likeliest tokens, top_p the smallest set whose
-    probability reaches p."""
+    probability reaches p. vocab_size: the tokenizer's, whose ids 0..vocab_size-1 alone have text; the
+    model's padded ids past it are never drawn (None: every id of the logits may be)."""
 
     temperature: float = 1.0
     top_k: int | None = None
     top_p: float | None = None
+    vocab_size: int | None = None
 
     def __post_init__(self):
+        if self.vocab_size is not None and self.vocab_size < 1:
+            raise SamplingError("vocab_size", f"vocab_size must be >= 1 or None, got {self.vocab_size}")
         if not 0 <= self.temperature < math.inf:
-            raise SamplingError("temperature", f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
+            raise SamplingError(
+                "temperature", f"temperature must be >= 0 (0 is greedy), got {self.temperature}"
+            )
         if self.top_k is not None and self.top_k < 1:
             raise SamplingError("top_k", f"top_k must be >= 1 or None, got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
@@ -605,7 +611,17 @@ class Sampling:
 
     def draw(self, logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """logits (B, V) -> the next token of each row, (B, 1)."""
-        return sample_next_token(logits, self.temperature, self.top_k, self.top_p, generator)
+        return sample_next_token(logits, self.temperature, self.top_k, self.top_p, generator, self.vocab_size)
+
+
+def decodable_logits(logits: torch.Tensor, vocab_size: int | None) -> torch.Tensor:
+    """logits (..., V) with the ids from vocab_size on (a padded vocabulary's, which no tokenizer can
+    decode) at -inf: a softmax of the result is the model's distribution renormalised over the ids
+    0..vocab_size-1. None, or vocab_size >= V: logits unchanged."""
+    if vocab_size is None or vocab_size >= logits.size(-1):
+        return logits
+    padding = torch.arange(logits.size(-1), device=logits.device) >= vocab_size  # (V,)
+    return logits.masked_fill(padding, float("-inf"))
 
 
 def sample_next_token(
@@ -614,9 +630,12 @@ def sample_next_token(
     top_k: int | None = None,
     top_p: float | None = None,
     generator: torch.Generator | None = None,
+    vocab_size: int | None = None,
 ) -> torch.Tensor:
-    """logits (B, V) -> next token ids (B, 1). temperature 0 is greedy; top_k keeps the k likeliest
-    tokens, top_p the smallest set whose probability reaches p (nucleus sampling)."""
+    """logits (B, V) -> next token ids (B, 1), each below vocab_size (decodable_logits). temperature 0
+    is greedy; top_k keeps the k likeliest tokens, top_p the smallest set whose probability reaches p
+    (nucleus sampling)."""
+    logits = decodable_logits(logits, vocab_size)
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
     # the largest logit becomes 0 and the rest negative, so a tiny temperature (1e-300: 0 in float32)

@@ -95,7 +95,7 @@ def stream_text(
     """Yield one sample's new text piece by piece as its tokens are generated (never half a character)."""
     device = next(model.parameters()).device
     idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, T)
-    sampling = Sampling(cfg.temperature, cfg.top_k, cfg.top_p)
+    sampling = Sampling(cfg.temperature, cfg.top_k, cfg.top_p, tokenizer.vocab_size)  # only ids with text
     steps = generate_stream(model, idx, cfg.max_new_tokens, sampling, generator=generator)
     yield from decode_stream(tokenizer, (int(t) for t in steps), tokenizer.eot if cfg.stop_at_eot else None)
 

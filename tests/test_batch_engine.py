@@ -125,3 +125,37 @@ def test_a_row_that_fails_leaves_nothing_behind(attention):
             out[key].append(draw.token)
     for key in (0, 1):
         assert out[key] == decode_alone(model, ok[key], 11, greedy, seed=0), key
+
+
+def test_rows_never_draw_or_list_ids_past_the_tokenizers_vocabulary():
+    """Two rows whose sampling's vocab_size is 30 (of the model's 50), the model's likeliest token
+    padding id 45 (ln_f's bias adds 3 to every feature, wte[45] is all ones): each draws below 30,
+    lists only ids below 30 in its top log-probs, and every log-prob is the full forward pass's
+    renormalised over ids 0..29 (1e-4); the tokens are those of each sequence decoded alone."""
+    model = tiny_model("sdpa")
+    with torch.no_grad():
+        model.transformer.ln_f.bias.fill_(3.0)
+        model.transformer.wte.weight[45] = 1.0
+    sampling = Sampling(temperature=1.0, vocab_size=30)
+    prompts = [[1, 2, 3], [7, 8, 9, 10, 11]]
+    decoder = BatchDecoder(model, rows=2)
+    draws = {
+        k: [decoder.join(k, p, sampling, torch.Generator().manual_seed(k), top=5)]
+        for k, p in enumerate(prompts)
+    }
+    for _ in range(8):
+        for k, draw in zip(list(decoder.keys), decoder.step(), strict=True):
+            draws[k].append(draw)
+    for k, prompt in enumerate(prompts):
+        tokens = [d.token for d in draws[k]]
+        assert tokens == decode_alone(model, prompt, 9, sampling, seed=k)
+        ids = torch.tensor([prompt + tokens])
+        with torch.no_grad():
+            logits, _ = model(ids, ids)  # (1, T, 50): every position's
+        assert int(logits[0, -1].argmax()) == 45
+        reference = torch.log_softmax(logits[0, :, :30], dim=-1)
+        for i, d in enumerate(draws[k]):
+            pos = len(prompt) - 1 + i
+            assert abs(d.logprob - float(reference[pos, d.token])) < 1e-4
+            assert [t for t, _ in d.top] == torch.topk(reference[pos], 5).indices.tolist()
+        assert max(tokens) < 30

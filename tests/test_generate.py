@@ -125,3 +125,99 @@ def test_a_static_cache_of_learned_positions_refuses_to_wrap():
     pos.fill_(4)
     with pytest.raises(NanoGPTError, match="holds 4 positions: it cannot take position 4"):
         model(torch.zeros(1, 1, dtype=torch.long), kv_cache=cache)
+
+
+def favour_padding(model: GPT, token: int) -> GPT:
+    """Make the model's likeliest next token, everywhere, the (padding) id `token`: ln_f's bias adds 3 to
+    every feature and wte[token] (tied to lm_head) is all ones, so its logit is 3 * n_embd + 0 (ln_f's
+    normalised part sums to 0) against ~N(0, 0.4) for the others."""
+    with torch.no_grad():
+        model.transformer.ln_f.bias.fill_(3.0)
+        model.transformer.wte.weight[token] = 1.0
+    return model
+
+
+CHAR_VOCAB = "".join(sorted(" abcdefghijklmnopq\n"))  # 19 characters; the model's vocabulary is 65
+DRAWS = [
+    dict(temperature=1.0),
+    dict(temperature=0.0),
+    dict(temperature=2.0, top_k=40),
+    dict(temperature=1.0, top_p=0.5),
+]
+
+
+def test_the_padding_is_the_models_choice_unless_masked():
+    """The fault the mask fixes, reproduced: unmasked, the model draws the padding id it favours."""
+    model = favour_padding(tiny_model(), 60)
+    drawn = generate(
+        model, torch.zeros(1, 3, dtype=torch.long), 8, generator=torch.Generator().manual_seed(0)
+    )
+    assert (drawn[0, 3:] == 60).all()
+
+
+def test_masked_draws_keep_the_valid_ids_distribution():
+    """Over the ids below vocab_size the masked softmax is the model's distribution renormalised
+    (float64 reference, 1e-6); padded ids have probability 0; and 20,000 draws (each option) never give
+    a padded id and hit each valid id as often as 20,000 draws from the valid ids' logits alone (within
+    0.02: 4 standard errors of the difference at p = 0.5)."""
+    from nanogpt.model import decodable_logits, sample_next_token
+
+    n = len(CHAR_VOCAB)
+    model = favour_padding(tiny_model(), 60)
+    logits, _ = model(torch.randint(0, n, (4, 10)))  # (4, 1, 65)
+    logits = logits[:, -1, :]
+    model_probs = torch.softmax(logits.double(), dim=-1)
+    renormalised = model_probs[:, :n] / model_probs[:, :n].sum(-1, keepdim=True)
+    masked = torch.softmax(decodable_logits(logits, n), dim=-1)
+    assert torch.allclose(masked[:, :n].double(), renormalised, rtol=0, atol=1e-6)
+    assert (masked[:, n:] == 0).all() and model_probs[:, 60].min() > 0.99
+    rows = logits[:1].expand(20_000, -1)
+    for options in DRAWS:
+        generator = torch.Generator().manual_seed(0)
+        got = sample_next_token(rows, **options, generator=generator, vocab_size=n)
+        want = sample_next_token(rows[:, :n], **options, generator=generator)
+        assert int(got.max()) < n, options
+        frequency = [torch.bincount(d[:, 0], minlength=n) / len(d) for d in (got, want)]
+        assert (frequency[0] - frequency[1]).abs().max() < 0.02, options
+
+
+@pytest.mark.parametrize("options", DRAWS)
+def test_sample_decodes_a_model_that_favours_a_padding_id(options):
+    """`nanogpt sample`'s decoding (stream_text) of a model whose likeliest token is a padding id: every
+    token has text (before the mask, decoding raised on the id outside the tokenizer's vocabulary)."""
+    from nanogpt.data.tokenizers import CharTokenizer
+    from nanogpt.sample import SampleConfig, stream_text
+
+    tok = CharTokenizer(CHAR_VOCAB)
+    model = favour_padding(tiny_model(), 60)
+    cfg = SampleConfig(max_new_tokens=30, **{"top_k": None, **options})
+    text = "".join(stream_text(model, tok, tok.encode("abc"), cfg, torch.Generator().manual_seed(1)))
+    assert len(text) == 30 and set(text) <= set(CHAR_VOCAB)
+
+
+def test_chat_replies_from_a_model_that_favours_a_padding_id():
+    """A chat session on GPT-2's BPE (the chat tokenizer's 50,259 ids: 50257/50258 are <|im_start|> and
+    <|im_end|>) with a 50,304-id model whose likeliest token is padding id 50300: the reply is the text of
+    the ids it draws below 50,259 (before the mask the padding id ended it at once, empty)."""
+    from nanogpt.chat.main import ChatConfig, ChatSession
+    from nanogpt.chat.template import ChatTokenizer, Message, encode_prompt, template_for
+    from nanogpt.data.tokenizers import GPT2Tokenizer
+    from nanogpt.generate import generate_stream
+
+    try:
+        base = GPT2Tokenizer()
+    except NanoGPTError as e:
+        pytest.skip(str(e))
+    template = template_for(base)
+    tok = ChatTokenizer(base, template)
+    model = favour_padding(tiny_model(block_size=64, vocab_size=50304, n_layer=1), 50300)
+    cfg = ChatConfig(max_new_tokens=12, temperature=1.0, top_k=None)
+    session = ChatSession(model, tok, template, cfg)
+    reply = "".join(session.reply("Hi"))
+    prompt = torch.tensor([encode_prompt(tok, template, [Message("user", "Hi")])])
+    steps = generate_stream(model, prompt, 12, Sampling(1.0, vocab_size=tok.vocab_size),
+                            generator=torch.Generator().manual_seed(cfg.seed))  # fmt: skip
+    ids = [int(t) for t in steps]
+    assert tok.vocab_size == 50259 and max(ids) < 50259
+    expected = tok.decode(ids[: next((i for i, t in enumerate(ids) if t in template.stops()), len(ids))])
+    assert reply == expected and reply

@@ -467,13 +467,14 @@ def test_long_stop_strings_cost_o_new_text(char_model):
         client.__exit__(None, None, None)
 
 
-def forward_logprobs(model: GPT, ids: list[int]) -> torch.Tensor:
+def forward_logprobs(model: GPT, ids: list[int], vocab_size: int | None = None) -> torch.Tensor:
     """Log-probs of every next token after each position of ids, from one plain forward pass without
-    a cache, (T, V) in float32: what the server's log-probs must equal."""
+    a cache, over the first vocab_size ids (the tokenizer's; None: all V), (T, vocab_size) in float32:
+    what the server's log-probs must equal."""
     idx = torch.tensor([ids])
     with torch.no_grad():
         logits, _ = model(idx, idx)  # with targets: every position's logits
-    return torch.log_softmax(logits[0].float(), dim=-1)
+    return torch.log_softmax(logits[0, :, :vocab_size].float(), dim=-1)
 
 
 def check_logprobs(model, tok, text: str, logprobs: dict, echoed: int, top: int) -> None:
@@ -481,7 +482,7 @@ def check_logprobs(model, tok, text: str, logprobs: dict, echoed: int, top: int)
     first `echoed` characters are the echoed prompt), and text_offset counts characters into it."""
     ids = tok.encode(text)
     assert "".join(logprobs["tokens"]) == text[len(text) - len(logprobs["tokens"]) :]
-    reference = forward_logprobs(model, ids)
+    reference = forward_logprobs(model, ids, tok.vocab_size)
     first = len(ids) - len(logprobs["tokens"])
     for k, (token, lp, tops, offset) in enumerate(
         zip(
@@ -536,6 +537,38 @@ def test_logprobs_and_echo_equal_a_forward_pass_batched_with_others(char_model):
         for prompt in (ids, [ids, ids]):
             again = client.post("/v1/completions", json={**body, "prompt": prompt}).json()
             assert again["choices"][0]["text"] == plain["choices"][0]["text"]
+    finally:
+        client.__exit__(None, None, None)
+
+
+def test_a_model_that_favours_a_padding_id_serves_text_and_never_lists_it():
+    """The char model padded to 128 ids, its likeliest next token padding id 100 (ln_f's bias adds 3 to
+    every feature, wte[100] is all ones): greedy and sampled completions and a chat reply are the
+    tokenizer's text, every log-prob and top log-prob is the forward pass's renormalised over the
+    tokenizer's ids (never a padding id), and a prompt holding a padding id is a 400."""
+    tok = CharTokenizer("".join(sorted(CHARS)))
+    model = tiny_model(128)
+    with torch.no_grad():
+        model.transformer.ln_f.bias.fill_(3.0)
+        model.transformer.wte.weight[100] = 1.0
+    assert int(forward_logprobs(model, tok.encode("Hello"))[-1].argmax()) == 100
+    client = start(Served(model, tok, "tiny"), max_batch=4)
+    try:
+        for options in ({"temperature": 0}, {"seed": 1, "temperature": 1.0}, {"seed": 2, "top_p": 0.5}):
+            body = {"prompt": "Hello", "max_tokens": 10, "logprobs": 5, "echo": True, **options}
+            r = client.post("/v1/completions", json=body)
+            assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length", r.text
+            choice = r.json()["choices"][0]
+            check_logprobs(model, tok, choice["text"], choice["logprobs"], echoed=5, top=5)
+        chat = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8, "seed": 3}
+        r = client.post("/v1/chat/completions", json={**chat, "logprobs": True, "top_logprobs": 20})
+        reply = r.json()["choices"][0]
+        assert reply["finish_reason"] in ("stop", "length"), r.text
+        tops = [t["token"] for c in reply["logprobs"]["content"] for t in c["top_logprobs"]]
+        assert len(tops) == 20 * len(reply["logprobs"]["content"]) and set(tops) <= set(CHARS)
+        assert set(reply["message"]["content"]) <= set(CHARS)
+        bad = client.post("/v1/completions", json={"prompt": [100], "max_tokens": 2})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "prompt", bad.text
     finally:
         client.__exit__(None, None, None)
 

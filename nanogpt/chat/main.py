@@ -60,7 +60,7 @@ class ChatSession:
 
     def __init__(self, model: GPT, tokenizer: Any, template: ChatTemplate, cfg: ChatConfig):
         self.model, self.tokenizer, self.template, self.cfg = model, tokenizer, template, cfg
-        self.sampling = Sampling(cfg.temperature, cfg.top_k, cfg.top_p)
+        self.sampling = Sampling(cfg.temperature, cfg.top_k, cfg.top_p, tokenizer.vocab_size)  # ids with text
         device = next(model.parameters()).device
         self.generator = torch.Generator(device=device).manual_seed(cfg.seed)
         self.messages: list[Message] = []
@@ -96,7 +96,7 @@ class ChatSession:
                 self.model, idx, self.cfg.max_new_tokens, self.sampling, generator=self.generator
             ):
                 token_id = int(token)
-                if token_id in stops or token_id >= self.tokenizer.vocab_size:
+                if token_id in stops:
                     break
                 piece = decoder.add(token_id)
                 if piece:

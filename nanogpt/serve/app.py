@@ -244,7 +244,9 @@ class Api:
         return ids or [tokenizer.eot]  # an empty prompt starts a document
 
     def token_ids(self, ids: list[int], param: str) -> list[int]:
-        return checked_token_ids(ids, self.state.ready().model.config.vocab_size, param)
+        """Ids that both the model and the tokenizer know (a padded vocabulary's extra ids have no text)."""
+        served = self.state.ready()
+        return checked_token_ids(ids, min(served.model.config.vocab_size, served.tokenizer.vocab_size), param)
 
     def prompts_of(self, request: CompletionRequest) -> list[list[int]]:
         """The prompt(s) as token ids, in OpenAI's four forms: a string, a list of strings, a list of

@@ -16,7 +16,7 @@ import time
 import traceback
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
 import torch
@@ -173,6 +173,7 @@ class Scheduler:
     ):
         self.decoder = BatchDecoder(model, rows)
         self.tokenizer = tokenizer
+        self.vocab_size = tokenizer.vocab_size  # ids past it (the model's padding) have no text: never drawn
         self.eot = getattr(tokenizer, "eot", None)
         self.max_waiting = max_waiting
         self.context = context  # entered by the decoding thread: autocast is per thread
@@ -282,13 +283,16 @@ class Scheduler:
     def _start(self, c: Completion, out: dict[Job, list[Piece]]) -> None:
         """c's prompt is read (and scored, if asked); it joins the batch unless it only scores."""
         c.text, c.stops = TextPieces(self.tokenizer), StopMatcher(c.stop)
-        echo = () if c.echo_top is None else tuple(prompt_logprobs(self.decoder.model, c.prompt, c.echo_top))
+        echo: tuple[Draw, ...] = ()
+        if c.echo_top is not None:
+            echo = tuple(prompt_logprobs(self.decoder.model, c.prompt, c.echo_top, self.vocab_size))
         if echo and echo[0].error:
             return self._fail(c, f"decoding failed: {echo[0].error}", out)
         if c.max_tokens == 0:
             out.setdefault(c.job, []).append(Piece(c.index, "", "length", 0, echo=echo))
             return
-        draw = self.decoder.join(c, c.prompt, c.sampling, c.generator, c.penalties, c.top)
+        sampling = replace(c.sampling, vocab_size=self.vocab_size)
+        draw = self.decoder.join(c, c.prompt, sampling, c.generator, c.penalties, c.top)
         if draw.error:
             return self._fail(c, f"decoding failed: {draw.error}", out)
         self.running.append(c)
