@@ -6,6 +6,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -248,10 +249,26 @@ def test_fine_tune_a_local_hugging_face_gpt2(data_dir, tmp_path):
     transformers = pytest.importorskip("transformers")
     hf_config = transformers.GPT2Config(vocab_size=65, n_positions=64, n_embd=32, n_layer=2, n_head=2)
     transformers.GPT2LMHeadModel(hf_config).save_pretrained(tmp_path / "hf")
-    result = train(tiny(data_dir, tmp_path / "run", init_from=str(tmp_path / "hf"), n_layer=7, max_iters=4))
+    result = train(tiny(data_dir, tmp_path / "run", init_from=str(tmp_path / "hf"), max_iters=4))
     assert math.isfinite(result["final_train_loss"])
-    args = load_checkpoint(tmp_path / "run")["model_args"]
+    ckpt = load_checkpoint(tmp_path / "run")
+    args = ckpt["model_args"]
     assert (args["n_layer"], args["block_size"], args["gelu_approximate"]) == (2, 16, "tanh")
+    assert (ckpt["config"]["n_layer"], ckpt["config"]["bias"]) == (2, True)  # recorded as trained
+
+
+def test_fine_tuning_with_another_shape_is_refused(data_dir, tmp_path):
+    """A shape option given to a fine-tuning run is used or refused: the base's weights decide it."""
+    transformers = pytest.importorskip("transformers")
+    hf_config = transformers.GPT2Config(vocab_size=65, n_positions=64, n_embd=32, n_layer=2, n_head=2)
+    transformers.GPT2LMHeadModel(hf_config).save_pretrained(tmp_path / "hf")
+    for change, named in (
+        (dict(n_layer=7), "n_layer=7 (its: 2)"),
+        (dict(block_size=128), "block_size=128 (its: 64)"),
+    ):
+        with pytest.raises(NanoGPTError, match=re.escape(named)):
+            train(tiny(data_dir, tmp_path / "run", init_from=str(tmp_path / "hf"), max_iters=4, **change))
+        assert not (tmp_path / "run").exists()
 
 
 def test_resume_without_checkpoint_is_a_clear_error(data_dir, tmp_path):

@@ -166,6 +166,24 @@ def resumed_config(cfg: TrainConfig, ckpt: dict[str, Any], given: set[str]) -> T
     return set_fields(cfg, carried, where=f"the saved config of {cfg.out_dir}'s checkpoint")
 
 
+def fine_tune_config(cfg: TrainConfig, model: GPTConfig, given: set[str]) -> TrainConfig:
+    """cfg with the shape of the model a fine-tuning run starts from (init_from's, block_size cropped to
+    cfg's where that is shorter), so that config.json says what is trained. A shape given with another
+    value is refused, naming the keys."""
+    shape = {k: getattr(model, k) for k in SHAPE_KEYS}
+    differ = [
+        f"{k}={getattr(cfg, k)!r} (its: {v!r})"
+        for k, v in shape.items()
+        if k in given and getattr(cfg, k) != v
+    ]
+    if differ:
+        raise NanoGPTError(
+            f"init_from={cfg.init_from!r} fine-tunes that model in its own shape, not {', '.join(differ)}: leave "
+            "those options out (a shorter block_size crops it), or train from scratch"
+        )
+    return dataclasses.replace(cfg, **shape)
+
+
 def check_fits(config: GPTConfig, meta: dict) -> None:
     """Refuse, before building anything, a model the data or the memory cannot hold: block_size must leave
     room for a window in every split, and weights, gradients, AdamW state and causal masks must fit."""

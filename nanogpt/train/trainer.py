@@ -59,7 +59,7 @@ from nanogpt.train import distributed
 from nanogpt.train.config import TrainConfig, given_keys, load_train_config, preset_names, train_help
 from nanogpt.train.distributed import DistEnv
 from nanogpt.train.metrics import NullLog, RunLog
-from nanogpt.train.model_init import given_values, init_model, resumed_config
+from nanogpt.train.model_init import fine_tune_config, given_values, init_model, resumed_config
 from nanogpt.train.optim import build_optimizer
 from nanogpt.train.schedule import get_lr
 from nanogpt.train.step import Batch, TrainStep, checkpoint_activations, new_scaler
@@ -102,12 +102,13 @@ def train(cfg: TrainConfig, given: set[str] | None = None) -> dict[str, Any]:
         quiet = contextlib.nullcontext() if env.master else contextlib.redirect_stdout(io.StringIO())
         with quiet, StopRequest() as stop:
             check_fresh_out_dir(cfg)
+            given = given_values(cfg) if given is None else given
             ckpt = load_checkpoint(resume_path(cfg.out_dir)) if cfg.init_from == "resume" else None
             if ckpt is not None:
-                cfg = resumed_config(cfg, ckpt, given_values(cfg) if given is None else given)
+                cfg = resumed_config(cfg, ckpt, given)
                 if ckpt["iter_num"] >= cfg.max_iters and not cfg.eval_only:
                     return complete_run(cfg, ckpt)
-            run = Run(cfg, env, device, ckpt)
+            run = Run(cfg, env, device, ckpt, given)
             # one trainer per out_dir: a second one is refused before it writes anything
             with folder_lock(cfg.out_dir, "training") if env.master else contextlib.nullcontext():
                 if env.master:
@@ -191,8 +192,16 @@ class Run:
     """One training run, set up as its config says; `loop` trains it. Every rank builds one: all compute,
     rank 0 alone writes (the other ranks' log is a NullLog)."""
 
-    def __init__(self, cfg: TrainConfig, env: DistEnv, device: str, ckpt: dict[str, Any] | None = None):
-        """ckpt: the checkpoint a resumed run continues (cfg already resumed_config's)."""
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        env: DistEnv,
+        device: str,
+        ckpt: dict[str, Any] | None = None,
+        given: set[str] | None = None,
+    ):
+        """ckpt: the checkpoint a resumed run continues (cfg already resumed_config's); given: the keys the
+        command gave (default: those cfg sets to other values than the defaults)."""
         self.cfg, self.env, self.device = cfg, env, device
         self.dtype = resolve_dtype(cfg.dtype, device)
         self.accum = distributed.per_rank_accumulation(cfg.gradient_accumulation_steps, env.world_size)
@@ -208,6 +217,9 @@ class Run:
         self.meta = self.sft.meta if self.sft else read_meta(self.data_dir)
         _seed_everything(cfg.seed)  # the same initial weights on every rank (FSDP shards them as they are)
         self.raw_model = init_model(cfg, self.meta, ckpt).to(device)
+        if ckpt is None and cfg.init_from != "scratch":  # fine-tuning: the shape is the base's
+            given = given_values(cfg) if given is None else given
+            cfg = self.cfg = fine_tune_config(cfg, self.raw_model.config, given)
         self.block_size = self.raw_model.config.block_size
         if self.sft:
             self.sft.pack(self.raw_model, cfg.seed)  # GPT-2's weights: padded to hold the chat tokens
