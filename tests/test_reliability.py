@@ -173,6 +173,11 @@ def test_a_run_that_fails_validation_leaves_out_dir_untouched(run_copy, data_dir
     assert tree_hash(run_copy) == before
 
 
+def test_a_split_of_one_token_asks_for_more_text_not_for_block_size_0():
+    with pytest.raises(NanoGPTError, match=r"the train split has 1 token\(s\): too few .* Prepare more text"):
+        check_fits(GPTConfig(block_size=8, vocab_size=65), {"train_tokens": 1, "val_tokens": 100})
+
+
 def test_a_model_that_cannot_fit_in_memory_is_refused_before_it_is_built(monkeypatch):
     monkeypatch.setattr("nanogpt.train.model_init.available_memory_bytes", lambda: 8 << 30)
     meta = {"train_tokens": 10**9, "val_tokens": 10**8}

@@ -189,6 +189,11 @@ def check_fits(config: GPTConfig, meta: dict) -> None:
     room for a window in every split, and weights, gradients, AdamW state and causal masks must fit."""
     for split in ("train", "val"):
         tokens = int(meta.get(f"{split}_tokens", config.block_size + 1))
+        if tokens < 2:
+            raise NanoGPTError(
+                f"the {split} split has {tokens} token(s): too few for any training window (block_size + 1 "
+                "tokens). Prepare more text (for val: a larger --val_fraction)"
+            )
         if tokens <= config.block_size:
             raise NanoGPTError(
                 f"block_size={config.block_size} is too long for the {split} split ({tokens} tokens): a training "
