@@ -461,6 +461,14 @@ def test_a_bare_resume_continues_the_run_as_it_was_configured(run_copy, tmp_path
     assert load_checkpoint(run_copy)["iter_num"] == 6 and not (tmp_path / "data").exists()
 
 
+def test_a_seed_given_on_resume_is_refused(run_copy, data_dir, capsys):
+    """The checkpoint's generators and batch stream continue: another seed could not apply."""
+    before = tree_hash(run_copy)
+    code, err = run_cli(train_args(data_dir, run_copy, init_from="resume", max_iters=6, seed=7), capsys)
+    assert code == 1 and "seed=7 (checkpoint: 1337)" in err
+    assert tree_hash(run_copy) == before
+
+
 def test_optimizer_options_given_on_resume_are_used(run_copy, data_dir, capsys):
     """The restored optimizer state keeps its moments but takes the command's hyperparameters (torch's
     load_state_dict brings the checkpoint's weight decay and betas with it)."""

@@ -130,8 +130,8 @@ def given_values(cfg: TrainConfig) -> set[str]:
 
 def checkpoint_decides(ckpt: dict[str, Any]) -> dict[str, Any]:
     """The keys whose values are in a checkpoint's tensors, so a resumed run cannot change them: the model
-    shape, the LoRA adapters (its "lora" entry: the config of older runs could disagree) and the optimizer
-    whose state it holds (nanoGPT's: AdamW)."""
+    shape, the LoRA adapters (its "lora" entry: the config of older runs could disagree), the optimizer
+    whose state it holds (nanoGPT's: AdamW) and the seed of the generators it continues (ours)."""
     args = ckpt["model_args"]
     decided = {k: args[k] for k in SHAPE_KEYS if k in args}
     lora = ckpt.get("lora")
@@ -141,7 +141,10 @@ def checkpoint_decides(ckpt: dict[str, Any]) -> dict[str, Any]:
     else:  # no adapters: LoRA options would be ignored
         saved, default = ckpt.get("config") or {}, TrainConfig()
         decided |= {k: saved.get(k, getattr(default, k)) for k in LORA_KEYS} | {"lora_rank": 0}
-    return decided | {"optimizer": (ckpt.get("config") or {}).get("optimizer", "adamw")}
+    saved = ckpt.get("config") or {}
+    if ckpt.get("rng") and "seed" in saved:  # its generators and batch stream continue: no seed applies
+        decided["seed"] = saved["seed"]
+    return decided | {"optimizer": saved.get("optimizer", "adamw")}
 
 
 def resumed_config(cfg: TrainConfig, ckpt: dict[str, Any], given: set[str]) -> TrainConfig:
@@ -157,7 +160,8 @@ def resumed_config(cfg: TrainConfig, ckpt: dict[str, Any], given: set[str]) -> T
     if differ:
         raise NanoGPTError(
             f"cannot resume {cfg.out_dir} with {', '.join(differ)}: its checkpoint holds those (its weights, "
-            "adapters or optimizer state). Leave them out of the command, or start a new run from its weights "
+            "adapters, optimizer state or random generators). Leave them out of the command, or start a new "
+            "run from its weights "
             f"with --init_from={cfg.out_dir} --out_dir=ANOTHER"
         )
     fields = {f.name for f in dataclasses.fields(TrainConfig)} - set(INVOCATION_KEYS)
