@@ -8,7 +8,8 @@ YAMLs over our local task files (lm-eval's own task definitions download their d
 
 lm-eval 0.4 finds models only in its own registry, so `nanogpt-lm-eval` is lm-eval's command with this
 module imported; `import nanogpt.evals.lm_eval_plugin` does the same for `lm_eval.simple_evaluate`.
-model_args: out_dir (or init_from: gpt2, a HF folder, a checkpoint file), device, dtype, batch_size,
+model_args: out_dir (or init_from: gpt2, a HF folder, a checkpoint file), dtype (device and batch size:
+lm-eval's --device and --batch_size),
 add_bos_token (default True: the end-of-text token before every context, as CORE does; lm-eval's hf
 backend gives the same numbers with add_bos_token=True).
 Scores come from the scorer of `nanogpt eval --tasks` (nanogpt/evals/scorer.py); requests are encoded
