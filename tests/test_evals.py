@@ -347,3 +347,13 @@ def test_training_writes_task_accuracy_beside_val_loss(evals_dir, data_dir, tmp_
     assert r["tasks"]["winograd"]["accuracy"] == evals[-1]["winograd_accuracy"]
     assert r["core"] == pytest.approx(evals[-1]["core"])
     assert TaskEvaluator("copa", CHARS, 16, 3).skipped() == {"copa": 3}  # " ab" has none of copa's letters
+
+
+def test_eval_tasks_with_fsdp_is_refused():
+    """Rank 0 alone scores the tasks: an FSDP-sharded model would wait forever for the other ranks."""
+    from nanogpt.options import set_fields
+    from nanogpt.train.config import TrainConfig
+
+    with pytest.raises(NanoGPTError, match="eval_tasks runs on rank 0 alone"):
+        set_fields(TrainConfig(), {"eval_tasks": "copa", "parallel": "fsdp"}, where="test")
+    assert set_fields(TrainConfig(), {"eval_tasks": "copa"}, where="test").eval_tasks == "copa"

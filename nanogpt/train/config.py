@@ -118,6 +118,11 @@ class TrainConfig:
         _require(
             self.eval_tasks_limit >= 0, f"eval_tasks_limit must not be negative, got {self.eval_tasks_limit}"
         )
+        _require(
+            not (self.eval_tasks and self.parallel == "fsdp"),
+            "eval_tasks runs on rank 0 alone, which an FSDP-sharded model cannot: use parallel=ddp, or "
+            "nanogpt eval --tasks on the checkpoint",
+        )
         for name in ("batch_size", "block_size", "n_layer", "n_head", "n_embd"):
             _require(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
         for name in ("max_iters", "warmup_iters", "lr_decay_iters", "grad_clip", "min_lr", "weight_decay"):
