@@ -121,9 +121,8 @@ class NanoGPTLM(TemplateLM):
             max_new = int(options.get("max_gen_toks", 256))
             prompt = self.tok_encode(context)[-self.window :] or [self.eot_token_id]
             idx = torch.tensor([prompt], device=self.device_name)
-            out = generate(self.model, idx, max_new, sampling=Sampling(temperature=0.0))[
-                0, len(prompt) :
-            ].tolist()
+            greedy = Sampling(temperature=0.0, vocab_size=self.tokenizer.vocab_size)  # only ids with text
+            out = generate(self.model, idx, max_new, sampling=greedy)[0, len(prompt) :].tolist()
             text = self.tokenizer.decode(out)
             for stop in until:
                 text = text.split(stop)[0]
