@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from nanogpt.checkpoint import load_checkpoint, model_from_checkpoint
-from nanogpt.data.loader import read_meta
+from nanogpt.data.meta import read_meta
 from nanogpt.data.prepare import ensure_prepared
 from nanogpt.device import (
     DTYPES,

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from nanogpt.checkpoint import load_model, resume_path
+from nanogpt.data.meta import META_FILE
 from nanogpt.data.prepare import DATASETS
 from nanogpt.device import resolve_device
 from nanogpt.errors import NanoGPTError
@@ -136,9 +137,7 @@ def read_json(path: Path) -> Any:
 
 def check_datasets(base: TrainConfig, names: list[str]) -> None:
     """Every dataset of the experiment is known or prepared, checked before the first run trains."""
-    missing = [
-        n for n in names if n not in DATASETS and not (Path(base.data_dir) / n / "meta.json").is_file()
-    ]
+    missing = [n for n in names if n not in DATASETS and not (Path(base.data_dir) / n / META_FILE).is_file()]
     if missing:
         raise NanoGPTError(
             f"unknown dataset(s) {', '.join(map(repr, missing))}: neither a known dataset ({', '.join(DATASETS)}) "

@@ -1,6 +1,7 @@
-"""The data layer: raw text -> tokenizer -> token files (prepare) -> batches (loader)."""
+"""The data layer: raw text -> tokenizer -> token files + meta.json (prepare, meta) -> batches (loader)."""
 
-from nanogpt.data.loader import BatchLoader, load_split, read_meta, sequential_batches
+from nanogpt.data.loader import BatchLoader, load_split, sequential_batches
+from nanogpt.data.meta import read_meta
 from nanogpt.data.prepare import DATASETS, prepare_dataset
 from nanogpt.data.tokenizers import (
     BPETokenizer,

@@ -11,7 +11,6 @@ batch number), so
 from __future__ import annotations
 
 import hashlib
-import json
 import mmap
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,36 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nanogpt.data.sources import file_sha256
+from nanogpt.data.meta import read_meta
 from nanogpt.errors import NanoGPTError
-
-
-def read_meta(dataset_dir: str | Path) -> dict:
-    """meta.json of a prepared dataset folder. A trained BPE's file (meta["tokenizer"]["file"]) is read in
-    and checked against its sha256, so meta["tokenizer"] is always a self-contained tokenizer_from_meta input
-    (the very dict a checkpoint stores)."""
-    path = Path(dataset_dir) / "meta.json"
-    if not path.is_file():
-        raise NanoGPTError(
-            f"no prepared data in {dataset_dir}: run `nanogpt prepare {Path(dataset_dir).name}`"
-        )
-    meta = _read_json(path)
-    file = meta.get("tokenizer", {}).get("file")
-    if file is not None:
-        tokenizer = Path(dataset_dir) / file
-        if not tokenizer.is_file() or file_sha256(tokenizer) != meta["tokenizer"].get("sha256"):
-            raise NanoGPTError(
-                f"{tokenizer} is missing or not the file meta.json names: run `nanogpt prepare` again"
-            )
-        meta["tokenizer"] = _read_json(tokenizer)
-    return meta
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise NanoGPTError(f"{path} is not valid JSON ({e}): run `nanogpt prepare` again") from None
 
 
 def split_path(dataset_dir: Path, meta: dict, split: str) -> tuple[Path, int]:

@@ -12,7 +12,6 @@ Re-running on an unchanged source (same sha256, tokenizer, options and split) is
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from collections.abc import Iterator
@@ -30,6 +29,7 @@ from nanogpt.data.bpe import (
     save_bpe,
     train_bpe,
 )
+from nanogpt.data.meta import META_FILE, read_meta, write_meta
 from nanogpt.data.parallel import encode_in_order
 from nanogpt.data.sources import (
     ENWIK8,
@@ -58,7 +58,6 @@ from nanogpt.data.tokenizers import (
     token_dtype,
 )
 from nanogpt.errors import NanoGPTError
-from nanogpt.files import write_text_atomic
 from nanogpt.processes import exits_on_sigterm
 
 FORMAT = 1  # meta.json's layout version; a prepared folder of another version is prepared again
@@ -207,7 +206,7 @@ def _identity(meta: dict) -> tuple:
 
 
 def _up_to_date(out: Path, wanted: dict) -> bool:
-    from nanogpt.data.loader import read_meta, split_path
+    from nanogpt.data.loader import split_path
 
     try:
         meta = read_meta(out)  # loads (and checks) a BPE tokenizer's file too
@@ -231,7 +230,7 @@ def _finish(folder: Path, meta: dict, tok: Tokenizer, counts: dict[str, int]) ->
         "dtype": token_dtype(tok.vocab_size).name,
     }
     meta |= {f"{split}_tokens": n for split, n in counts.items()}
-    write_text_atomic(folder / "meta.json", json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+    write_meta(folder, meta)
     return meta
 
 
@@ -471,7 +470,7 @@ def ensure_prepared(name: str, data_dir: str | Path) -> Path:
     """DATA_DIR/NAME, prepared first if it is a known dataset that is not there yet (a dataset of your own
     must be prepared with `nanogpt prepare NAME --source PATH`)."""
     path = Path(data_dir) / name
-    if not (path / "meta.json").is_file() and name in DATASETS:
+    if not (path / META_FILE).is_file() and name in DATASETS:
         print(f"{path} is not prepared: running `nanogpt prepare {name} --data_dir={data_dir}`")
         prepare_dataset(name, data_dir=data_dir)
     return path

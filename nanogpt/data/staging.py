@@ -15,11 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
+from nanogpt.data.meta import META_FILE
 from nanogpt.errors import NanoGPTError
 from nanogpt.files import remove_stale_folders, temporary_folder, writing
 
 BPE_FILE = "bpe_tokenizer.json"  # a trained BPE, beside the bins (nanogpt/data/bpe.py: its format)
-OWN_FILES = {"meta.json", BPE_FILE, "train.bin", "val.bin", "test.bin"}  # what a re-prepare replaces
+OWN_FILES = {META_FILE, BPE_FILE, "train.bin", "val.bin", "test.bin"}  # what a re-prepare replaces
 
 
 def replace_folder(new: Path, out: Path) -> None:
