@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 14's ablation in one command: every variant of benchmarks/ablation_recipe.toml over 2 seeds, each
+# The recipe ablation in one command: every variant of benchmarks/ablation_recipe.toml over 2 seeds, each
 # run 10 minutes of wall clock on this machine (evaluations included), then the whole val split of each
 # run's best checkpoint (`nanogpt eval`). Results: runs/ablation_recipe/results.md (mean ± standard error
 # per variant: final and best val loss, ms/iter, seconds to val 1.55), val_loss.png (val loss against

@@ -10,7 +10,7 @@ model has random weights (speed does not depend on them), GPT-2's vocabulary and
 --n_embd (default 4 x 256: GPT-2-124M's 12 x 768 is ~30x the compute and too slow to time here).
 Each round times, one after the other, ours (prompting + scoring, items already read) and lm-eval's
 `evaluate` at batch size 1 (its default) and --lm_eval_batch (requests built + scored, task data already
-loaded); medians over rounds. Target (issue 24): >= 3x lm-eval's items/s on the CPU.
+loaded); medians over rounds. Target: >= 3x lm-eval's items/s on the CPU.
 """
 
 from __future__ import annotations

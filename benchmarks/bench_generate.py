@@ -17,15 +17,15 @@ shakespeare_char_cpu preset (4 layers, 4 heads, n_embd 128, 65-character vocabul
      last one through the layers' windows (n_layer * 63 + 1 = 253), so the honest baseline is also
      setting a's recompute (nanoGPT's loop over the last 64 tokens): column "vs nanoGPT's loop".
 Every setting samples at temperature 1 with no top-k/top-p, from a 1-token prompt, never stopping early.
-Targets: issue 6, >= 10x tokens/s with the cache than without for 500 new tokens, and >= HF generate(),
-both in setting b, batch 1 and 8; issue 14, setting c >= 5x recompute at batch 1.
+Targets: >= 10x tokens/s with the cache than without for 500 new tokens, and >= HF generate(),
+both in setting b, batch 1 and 8; setting c >= 5x recompute at batch 1.
 
 --quantize measures instead what nanogpt.quantize buys: cached decoding tokens/s at batch 1 and 8 of the
 baby shape (the preset's, block 64, 63 new tokens) and of GPT-2-124M's (block 1024, --quantize_tokens new
 tokens) in float32, bfloat16 (autocast) and int8, the variants alternated within each repeat (medians);
 also int8 with every Linear quantised (the baby's layers are below quantization.MIN_WEIGHTS) and int8 with a
 float32 head (GPT-2's). Then it trains the baby for --train_iters steps on shakespeare_char and gives the
-val loss in float32 and int8. Target (issue 25): int8 >= 2x float32 at GPT-2-124M, batch 1; loss within 1%.
+val loss in float32 and int8. Target: int8 >= 2x float32 at GPT-2-124M, batch 1; loss within 1%.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_generate.py --quantize     # about two minutes
 """
@@ -46,7 +46,7 @@ from pathlib import Path
 
 import torch
 
-from nanogpt.bench import GEN_BATCH_SIZES, generation_tokens_per_second, measure_generation
+from nanogpt.bench import GEN_BATCH_SIZES, measure_generation
 from nanogpt.checkpoint import load_model
 from nanogpt.data.loader import load_split
 from nanogpt.data.prepare import ensure_prepared
@@ -55,6 +55,7 @@ from nanogpt.evaluate import evaluate
 from nanogpt.files import write_text_atomic
 from nanogpt.model import GPT, GPTConfig
 from nanogpt.options import parse_options
+from nanogpt.perf import generation_tokens_per_second
 from nanogpt.quantization import quantize
 from nanogpt.train.config import load_train_config
 from nanogpt.train.trainer import train

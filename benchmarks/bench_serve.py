@@ -20,7 +20,7 @@ Bounded: loopback only (the server binds 127.0.0.1 on a free port), --seconds pe
 request has a timeout, Poisson mode holds at most --max_in_flight requests. The levels run round-robin
 --repeats times; medians are reported. The server runs with --server_threads torch threads; the clients
 (one asyncio process) and the engine-alone runs share the machine with it, one at a time.
-Target (issue 25): 8 clients >= 4x the output tokens/s of one; p99 TTFT < 300 ms at 8 clients (baby).
+Target: 8 clients >= 4x the output tokens/s of one; p99 TTFT < 300 ms at 8 clients (baby).
 """
 
 from __future__ import annotations

@@ -81,7 +81,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     file = checkpoint_path(path)
     if not file.is_file():
         out_dir = file.parent if file.name in (CKPT_NAME, RESUME_NAME) else file
-        raise NanoGPTError(f"no checkpoint at {file}: train one with `nanogpt train PRESET --out_dir={out_dir}`")
+        raise NanoGPTError(
+            f"no checkpoint at {file}: train one with `nanogpt train PRESET --out_dir={out_dir}`"
+        )
     ckpt = _safe_load(file, map_location=map_location)
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
         raise NanoGPTError(f"{file} is not a nanogpt checkpoint (no 'model' / 'model_args')")

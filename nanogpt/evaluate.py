@@ -187,7 +187,9 @@ def task_accuracy(cfg: EvalConfig, model: GPT, tokenizer: Any, device: str) -> d
     """The --tasks results (nanogpt/evals/report.py's evaluate_tasks)."""
     tasks = resolve_tasks(cfg.tasks)
     dtype = resolve_dtype(cfg.dtype, device)
-    return evaluate_tasks(model, tokenizer, tasks, device, dtype, cfg.limit, cfg.task_batch_size, cfg.skip_unencodable)
+    return evaluate_tasks(
+        model, tokenizer, tasks, device, dtype, cfg.limit, cfg.task_batch_size, cfg.skip_unencodable
+    )
 
 
 def main(argv: list[str]) -> int:
@@ -199,7 +201,11 @@ def main(argv: list[str]) -> int:
     model, tokenizer = load_for_inference(source, device, cfg.compile, cfg.meta)
     model = quantized(model, cfg.quantize)
     if cfg.tasks:
-        result = {"model": source, "tokenizer": tokenizer.name, **task_accuracy(cfg, model, tokenizer, device)}
+        result = {
+            "model": source,
+            "tokenizer": tokenizer.name,
+            **task_accuracy(cfg, model, tokenizer, device),
+        }
         table = format_results(result)
     else:
         tokens, where = eval_tokens(cfg, tokenizer)

@@ -106,7 +106,7 @@ def test_interrupted_re_prepare_keeps_the_old_dataset(tmp_path, monkeypatch):
 
 
 def test_failed_re_prepare_via_the_cli_changes_nothing(tmp_path, capsys):
-    """Issue 13 item 8: `prepare text8 --source A` then `--source B` with B invalid kept nothing of A."""
+    """`prepare text8 --source A` then `--source B` with B invalid kept nothing of A."""
     good = _zip(tmp_path / "a.zip", "text8", b"the quick brown fox " * 100)
     bad = _zip(tmp_path / "b.zip", "text8", b"the quick brown fox " * 50 + "caf\xe9".encode("latin-1"))
     data = ["--data_dir", str(tmp_path / "data")]
@@ -139,7 +139,7 @@ def tiny_fs(tmp_path):
 
 
 def test_disk_full_and_read_only_keep_the_old_dataset(tmp_path, tiny_fs, capsys):
-    """Issue 13 item 10: one clear line, exit 1, the old dataset unchanged."""
+    """One clear line, exit 1, the old dataset unchanged."""
     small = tmp_path / "small.txt"
     small.write_text("to be or not to be\n" * 1000)  # 19 KB: 38 KB of uint16 tokens fit
     big = tmp_path / "big.txt"
@@ -451,7 +451,7 @@ def test_ctrl_c_during_a_parallel_re_prepare_keeps_the_old_dataset(tmp_path):
 
 @pytest.mark.parametrize("block", [1, 3, 7, 1 << 22])
 def test_non_utf8_byte_located_exactly_whatever_the_block_edges(tmp_path, monkeypatch, capsys, block):
-    """Issue 13 item 12: the streamed decoder names the file, offset, line and column of the first bad
+    """The streamed decoder names the file, offset, line and column of the first bad
     byte, however the blocks cut the multi-byte characters before it; one line, exit 1, nothing written."""
     monkeypatch.setattr(sources, "BLOCK", block)
     good = "Ça déjà vu 😀\nПривет, мир\n日本語\n".encode()
