@@ -171,10 +171,16 @@ def run_row(info: dict[str, Any], val_log: list[dict], target_loss: float) -> di
         "final_val_loss": val_log[-1]["val_loss"],
         "ms_per_iter": 1000 * info["total_train_time"] / max(1, info["iter_num"]),
     }
+    row |= {m: val_log[-1][m] for m in task_metrics(val_log[-1])}  # eval_tasks at the last evaluation
     if target_loss:
         reached = [e.get("elapsed_s", math.nan) for e in val_log if e["val_loss"] <= target_loss]
         row[TARGET] = reached[0] if reached else None
     return row
+
+
+def task_metrics(record: dict[str, Any]) -> list[str]:
+    """The eval_tasks figures of a run's record (training's `{task}_accuracy` and `core`), sorted."""
+    return sorted(k for k in record if k.endswith("_accuracy") or k == "core")
 
 
 def aggregate(rows: dict[str, list[dict]]) -> dict[str, Any]:
@@ -182,7 +188,7 @@ def aggregate(rows: dict[str, list[dict]]) -> dict[str, Any]:
     {M: [per run]}}. seconds_to_target's mean is None unless every run reached the target."""
     out = {}
     for label, runs in rows.items():
-        metrics = [m for m in (*METRICS, *DERIVED, TARGET) if m in runs[0]]
+        metrics = [m for m in (*METRICS, *DERIVED, TARGET, *task_metrics(runs[0])) if m in runs[0]]
         values = {m: [run[m] for run in runs] for m in metrics}
         stats = {m: (None, None) if None in v else mean_and_stderr(v) for m, v in values.items()}
         out[label] = {
@@ -207,14 +213,17 @@ COLUMNS = (
 
 def markdown_table(final_info: dict[str, Any], first_column: str = "dataset") -> str:
     """One row per dataset (or variant): each metric's mean ± standard error over the runs."""
-    columns = [c for c in COLUMNS if f"{c[0]}_mean" in next(iter(final_info.values()))["means"]]
+    measured = next(iter(final_info.values()))["final_info_dict"]
+    tasks = [(m, m.replace("_accuracy", " accuracy"), 4) for m in task_metrics(measured)]
+    columns = [c for c in COLUMNS if c[0] in measured] + tasks
     lines = [f"| {first_column} | runs | {' | '.join(c[1] for c in columns)} |"]
     lines.append("|---|---:|" + "---:|" * len(columns))
     for label, agg in final_info.items():
         cells = []
         for m, _, digits in columns:
             mean, stderr = agg["means"][f"{m}_mean"], agg["stderrs"][f"{m}_stderr"]
-            cell = "not reached by all" if mean is None else f"{mean:.{digits}f}"
+            missing = "not reached by all" if m == TARGET else "none scored"
+            cell = missing if mean is None else f"{mean:.{digits}f}"
             cells.append(cell + ("" if stderr is None else f" ± {stderr:.{digits}f}"))
         lines.append(f"| {label} | {len(agg['final_info_dict'][METRICS[0]])} | {' | '.join(cells)} |")
     return "\n".join(lines)

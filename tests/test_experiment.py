@@ -229,3 +229,23 @@ def test_a_dataset_name_that_is_not_a_plain_folder_name_is_refused(tmp_path, cap
     assert cli(["experiment", "--datasets=../up", f"--out={tmp_path / 'runs'}"]) == 1
     assert "dataset '../up' cannot be a folder name" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow  # two 12-step runs, each scoring the task at 3 evaluations
+def test_eval_tasks_become_columns_of_the_table(sources_dir, tmp_path, monkeypatch):
+    """--eval_tasks in an experiment: each run's row holds the task accuracy of its last evaluation, the
+    aggregate is their mean, and the table gains the column."""
+    task = tmp_path / "mytask.jsonl"
+    items = [{"query": f"the {w} is", "choices": [" red", " blue", " gone"], "gold": i % 3} for i, w in
+             enumerate(["king", "queen", "horse", "dog", "sea", "hat"])]  # fmt: skip
+    task.write_text("".join(json.dumps(item) + "\n" for item in items))
+    monkeypatch.setenv("NANOGPT_DATA_SOURCES", str(sources_dir))
+    run_experiment(tmp_path / "runs", tmp_path / "data", f"--eval_tasks={task}:mc:0")
+    final = json.loads((tmp_path / "runs" / "final_info.json").read_text())["shakespeare_char"]
+    last = [[r for r in read_metrics(tmp_path / "runs" / "shakespeare_char" / f"seed_{s}") if "val_loss" in r][-1]
+            for s in (5, 6)]  # fmt: skip
+    per_run = [r["mytask_accuracy"] for r in last]
+    assert final["final_info_dict"]["mytask_accuracy"] == per_run
+    assert final["means"]["mytask_accuracy_mean"] == pytest.approx(np.mean(per_run))
+    header = (tmp_path / "runs" / "results.md").read_text().splitlines()[0]
+    assert header.endswith("| mytask accuracy |"), header
