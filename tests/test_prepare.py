@@ -7,6 +7,7 @@ import re
 import subprocess
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -416,32 +417,11 @@ def test_ctrl_c_during_a_parallel_re_prepare_keeps_the_old_dataset(tmp_path):
     """Ctrl-C reaches the whole process group (the workers too): exit 130, no traceback, the old dataset
     and nothing else in data_dir, no worker left behind."""
     import signal
-    import sys
-    import time
 
-    from nanogpt.data.synthetic import write_corpus
-
-    data = tmp_path / "data"
-    small = tmp_path / "small.txt"
-    small.write_text("old text\n" * 1000)
-    prepare_dataset("mine", source=small, data_dir=data, tokenizer="gpt2")
-    before = _folder_hash(data / "mine")
-    write_corpus(tmp_path / "big", 12_000_000, seed=0, docs_per_file=100)
-    argv = ["prepare", "mine", "--source", str(tmp_path / "big"), "--tokenizer", "gpt2", "--num_proc", "2"]
-    child = subprocess.Popen(
-        [sys.executable, "-m", "nanogpt", *argv, "--data_dir", str(data)],
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,  # its own process group, as a terminal's foreground job
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    deadline = time.monotonic() + 60
-    while not any(f.stat().st_size for f in data.glob(".mine.new-*/*.bin")):  # encoded pieces are landing
-        assert child.poll() is None and time.monotonic() < deadline, child.stderr.read()
-        time.sleep(0.01)
+    child, data, before = _start_parallel_prepare(tmp_path, start_new_session=True)  # a terminal's job
     os.killpg(child.pid, signal.SIGINT)  # 12 MB is 12+ pieces of <= 1 MiB: most of it is still ahead
     assert child.wait(timeout=60) == 130
-    err = child.stderr.read()
+    err = (tmp_path / "stderr.txt").read_text()
     assert "Traceback" not in err and err.rstrip().endswith("interrupted"), err
     assert sorted(p.name for p in data.iterdir()) == ["mine"]
     assert _folder_hash(data / "mine") == before
@@ -473,9 +453,10 @@ def test_non_utf8_byte_located_exactly_whatever_the_block_edges(tmp_path, monkey
     assert not (tmp_path / "data").exists() or not list((tmp_path / "data").iterdir())
 
 
-def _start_parallel_prepare(tmp_path: Path) -> tuple[subprocess.Popen, Path, dict]:
+def _start_parallel_prepare(tmp_path: Path, **popen: Any) -> tuple[subprocess.Popen, Path, dict]:
     """A 2-process GPT-2 re-prepare of 12 MB over a small dataset `mine`, once its first encoded pieces
-    land in the staging folder (the workers are running then); (process, data_dir, the old folder's hash)."""
+    land in the staging folder (the workers are running then); (process, data_dir, the old folder's hash).
+    `popen`: more arguments for subprocess.Popen."""
     import sys
     import time
 
@@ -493,6 +474,7 @@ def _start_parallel_prepare(tmp_path: Path) -> tuple[subprocess.Popen, Path, dic
             [sys.executable, "-m", "nanogpt", *argv, "--data_dir", str(data)],
             stderr=err,
             env={**os.environ, "OMP_NUM_THREADS": "1"},
+            **popen,
         )
     deadline = time.monotonic() + 60
     while not any(f.stat().st_size for f in data.glob(".mine.new-*/*.bin")):
@@ -502,7 +484,7 @@ def _start_parallel_prepare(tmp_path: Path) -> tuple[subprocess.Popen, Path, dic
 
 
 def _alive(pids: list[int]) -> list[int]:
-    psutil = pytest.importorskip("psutil")  # in the dev extra through peft
+    psutil = pytest.importorskip("psutil")  # in the dev extra
 
     def running(pid: int) -> bool:
         try:
@@ -522,7 +504,7 @@ def test_no_worker_outlives_a_parallel_prepare_however_it_is_stopped(tmp_path, s
     import signal
     import time
 
-    psutil = pytest.importorskip("psutil")  # in the dev extra through peft
+    psutil = pytest.importorskip("psutil")  # in the dev extra
 
     if (os.cpu_count() or 1) < 2:
         pytest.skip("--num_proc 2 is capped to the one core here: no workers to watch")

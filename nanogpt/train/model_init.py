@@ -147,16 +147,21 @@ def checkpoint_decides(ckpt: dict[str, Any]) -> dict[str, Any]:
     return decided | {"optimizer": saved.get("optimizer", "adamw")}
 
 
+def differing(cfg: TrainConfig, values: dict[str, Any], given: set[str], whose: str) -> list[str]:
+    """The keys of `values` that the command gave with another value, as "KEY=GIVEN (WHOSE: VALUE)"."""
+    return [
+        f"{k}={getattr(cfg, k)!r} ({whose}: {v!r})"
+        for k, v in values.items()
+        if k in given and getattr(cfg, k) != v
+    ]
+
+
 def resumed_config(cfg: TrainConfig, ckpt: dict[str, Any], given: set[str]) -> TrainConfig:
     """The config a resumed run continues with: the checkpoint's saved config, with the keys in `given`
     (the command's) taken from cfg, and INVOCATION_KEYS always cfg's. A key the checkpoint decides
     (checkpoint_decides) given with another value is refused, naming the keys."""
     decided = checkpoint_decides(ckpt)
-    differ = [
-        f"{k}={getattr(cfg, k)!r} (checkpoint: {v!r})"
-        for k, v in decided.items()
-        if k in given and getattr(cfg, k) != v
-    ]
+    differ = differing(cfg, decided, given, "checkpoint")
     if differ:
         raise NanoGPTError(
             f"cannot resume {cfg.out_dir} with {', '.join(differ)}: its checkpoint holds those (its weights, "
@@ -175,11 +180,7 @@ def fine_tune_config(cfg: TrainConfig, model: GPTConfig, given: set[str]) -> Tra
     cfg's where that is shorter), so that config.json says what is trained. A shape given with another
     value is refused, naming the keys."""
     shape = {k: getattr(model, k) for k in SHAPE_KEYS}
-    differ = [
-        f"{k}={getattr(cfg, k)!r} (its: {v!r})"
-        for k, v in shape.items()
-        if k in given and getattr(cfg, k) != v
-    ]
+    differ = differing(cfg, shape, given, "its")
     if differ:
         raise NanoGPTError(
             f"init_from={cfg.init_from!r} fine-tunes that model in its own shape, not {', '.join(differ)}: leave "
