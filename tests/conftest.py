@@ -71,3 +71,12 @@ def tiny_train_config(data_dir: Path, out_dir: Path, **overrides):
         progress="plain",
     )
     return set_fields(TrainConfig(), {**values, **overrides}, where="test")
+
+
+def process_running(pid: int) -> bool:
+    """Whether `pid` is a live process (a zombie, exited but not yet reaped, is not)."""
+    psutil = pytest.importorskip("psutil")  # in the dev extra
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import process_running
 
 from nanogpt import cli
 from nanogpt.data import sources
@@ -484,15 +485,7 @@ def _start_parallel_prepare(tmp_path: Path, **popen: Any) -> tuple[subprocess.Po
 
 
 def _alive(pids: list[int]) -> list[int]:
-    psutil = pytest.importorskip("psutil")  # in the dev extra
-
-    def running(pid: int) -> bool:
-        try:
-            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            return False
-
-    return [pid for pid in pids if running(pid)]
+    return [pid for pid in pids if process_running(pid)]
 
 
 @pytest.mark.slow

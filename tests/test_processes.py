@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+from conftest import process_running
 
 # the parent: starts a forked child that arms die_with_parent (FALLBACK=1: the pid watch only), prints the
 # child's pid once armed, then waits to be killed
@@ -32,15 +33,6 @@ time.sleep(600)
 """
 
 
-def _running(pid: int) -> bool:
-    psutil = pytest.importorskip("psutil")  # in the dev extra through peft
-
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("fallback", ["0", "1"])
 def test_a_child_ends_within_5_s_of_its_parent_killed_with_9(fallback):
@@ -51,13 +43,13 @@ def test_a_child_ends_within_5_s_of_its_parent_killed_with_9(fallback):
         env={**os.environ, "FALLBACK": fallback},
     )
     child = int(parent.stdout.readline())  # printed once the child is armed
-    assert _running(child)
+    assert process_running(child)
     os.kill(parent.pid, signal.SIGKILL)
     parent.wait(timeout=10)
     deadline = time.monotonic() + 5
-    while _running(child) and time.monotonic() < deadline:
+    while process_running(child) and time.monotonic() < deadline:
         time.sleep(0.05)
-    alive = _running(child)
+    alive = process_running(child)
     if alive:
         os.kill(child, signal.SIGKILL)
     assert not alive, f"the child outlived its parent (fallback={fallback})"
