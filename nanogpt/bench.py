@@ -163,7 +163,7 @@ def run_bench(opts: BenchOptions, overrides: dict[str, Any]) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     keep_freed_memory(device)  # as training does
     dtype = resolve_dtype(cfg.dtype, device)
-    compile = wants_compile(cfg.compile, device)  # as training decides
+    compile = wants_compile(cfg.compile, device, cfg.max_seconds)  # as training decides
     if cfg.block_size < model.config.block_size:
         model.crop_block_size(cfg.block_size)
     model.to(device)

@@ -40,6 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from nanogpt.checkpoint import load_model, resume_path
 from nanogpt.data.meta import META_FILE
 from nanogpt.data.prepare import DATASETS
@@ -152,6 +154,9 @@ class Stopped(Exception):
 def run_one(cfg: TrainConfig, inference_tokens: int) -> dict[str, Any]:
     """Train one run, time a short generation from its checkpoint, write out_dir/final_info.json.
     Raises Stopped if a signal stopped it (saved, to resume)."""
+    # each run compiles its own model: without a reset the compiled graphs of earlier runs pile up in
+    # this process until dynamo's recompile limit turns compiling off (inductor's disk cache stays warm)
+    torch.compiler.reset()
     result = train(cfg)
     if result["stopped_by"]:
         raise Stopped(result["stopped_by"])

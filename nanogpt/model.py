@@ -163,13 +163,20 @@ class CausalSelfAttention(nn.Module):
         return self.bias[S - T : S, :S] if visible is None else visible
 
     def forward(
-        self, x: torch.Tensor, kv_cache: KVCache | None = None, rope: RotaryAngles | None = None
+        self,
+        x: torch.Tensor,
+        kv_cache: KVCache | None = None,
+        rope: RotaryAngles | None = None,
+        value_embedding: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x (B, T, C) -> (B, T, C). rope: the rotary angles' (cos, sin) of the T positions, if rotary."""
+        """x (B, T, C) -> (B, T, C). rope: the rotary angles' (cos, sin) of the T positions, if rotary.
+        value_embedding (B, T, C): added to the values (the tokens' own, from a table: modded-nanogpt)."""
         B, T, C = x.size()  # batch, sequence length, n_embd
         hs = C // self.n_head  # head size
-        # (B, T, 3 C) -> (3, B, nh, T, hs): query, key and value of every head
-        qkv = self.c_attn(x).view(B, T, 3, self.n_head, hs).permute(2, 0, 3, 1, 4)
+        qkv = self.c_attn(x)  # (B, T, 3 C): query, key and value of every head
+        if value_embedding is not None:
+            qkv = torch.cat((qkv[..., : 2 * C], qkv[..., 2 * C :] + value_embedding), dim=-1)
+        qkv = qkv.view(B, T, 3, self.n_head, hs).permute(2, 0, 3, 1, 4)  # (3, B, nh, T, hs)
         if self.qk_norm or rope is not None:  # q and k: RMS-normalised per head, then turned by position
             qk = F.rms_norm(qkv[:2], (hs,)) if self.qk_norm else qkv[:2]
             qkv = torch.cat((qk if rope is None else apply_rotary(qk, *rope), qkv[2:]))
@@ -247,7 +254,9 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+    """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x)). With residual_scalars its input
+    is first lambdas[0] x + lambdas[1] x0, x0 the embeddings (modded-nanogpt): each layer may re-read the
+    tokens themselves, which a deep narrow stream otherwise has to carry through every layer."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -255,11 +264,20 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config)
         self.ln_2 = norm_layer(config)
         self.mlp = SwiGLU(config) if config.mlp == "swiglu" else MLP(config)
+        # (2,): the stream's and the embeddings' weights, 1 and 0 at init (the plain block)
+        self.lambdas = nn.Parameter(torch.tensor([1.0, 0.0])) if config.residual_scalars else None
 
     def forward(
-        self, x: torch.Tensor, kv_cache: KVCache | None = None, rope: RotaryAngles | None = None
+        self,
+        x: torch.Tensor,
+        kv_cache: KVCache | None = None,
+        rope: RotaryAngles | None = None,
+        x0: torch.Tensor | None = None,
+        value_embedding: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), kv_cache, rope)
+        if self.lambdas is not None:
+            x = self.lambdas[0] * x + self.lambdas[1] * x0
+        x = x + self.attn(self.ln_1(x), kv_cache, rope, value_embedding)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -291,6 +309,8 @@ class GPTConfig:
     tie_embeddings: bool = True  # lm_head is wte's matrix (GPT-2); False: a head of its own
     logit_softcap: float | None = None  # c: logits = c * tanh(logits / c), smoothly bounded to (-c, c)
     zero_init_proj: bool = False  # the residual projections (c_proj) start at zero: blocks start as identity
+    residual_scalars: bool = False  # each block's input is a learned mix of the stream and the embeddings
+    value_embeddings: bool = False  # each layer adds a per-token table (zero at init) to its values
 
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
@@ -339,7 +359,16 @@ CHOICES = {
 }
 # the options that change the function away from GPT-2's (rope_base acts only with position="rope";
 # zero_init_proj changes the start of training, not what a model computes)
-ARCHITECTURE = ("position", "norm", "qk_norm", "mlp", "tie_embeddings", "logit_softcap")
+ARCHITECTURE = (
+    "position",
+    "norm",
+    "qk_norm",
+    "mlp",
+    "tie_embeddings",
+    "logit_softcap",
+    "residual_scalars",
+    "value_embeddings",
+)
 
 
 class GPT(nn.Module):
@@ -349,6 +378,10 @@ class GPT(nn.Module):
         embeddings = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))
         if config.position == "learned":  # rotary positions act inside attention instead
             embeddings["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+        if config.value_embeddings:  # one (vocab, n_embd) table per layer, added to its values
+            embeddings["ve"] = nn.ModuleList(
+                nn.Embedding(config.vocab_size, config.n_embd) for _ in range(config.n_layer)
+            )
         self.transformer = nn.ModuleDict(
             dict(
                 **embeddings,
@@ -363,6 +396,8 @@ class GPT(nn.Module):
             self.transformer.wte.weight = self.lm_head.weight
 
         self.apply(self._init_weights)
+        for table in self.transformer["ve"] if config.value_embeddings else ():
+            torch.nn.init.zeros_(table.weight)  # the plain model at init
         # GPT-2 paper: residual projections scaled by 1/sqrt(number of residual additions = 2 n_layer);
         # zero_init_proj: zero, so that each block starts as the identity (modded-nanogpt)
         for name, p in self.named_parameters():
@@ -380,11 +415,13 @@ class GPT(nn.Module):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def get_num_params(self, non_embedding: bool = True) -> int:
-        """Parameter count; non_embedding leaves out the tables only looked up: the position embeddings,
-        and the token embeddings unless they are lm_head's matrix too (tied, as in GPT-2)."""
+        """Parameter count; non_embedding leaves out the tables only looked up: the position and value
+        embeddings, and the token embeddings unless they are lm_head's matrix too (tied, as in GPT-2)."""
         n_params = sum(p.numel() for p in self.parameters())
         if non_embedding and "wpe" in self.transformer:
             n_params -= self.transformer.wpe.weight.numel()
+        if non_embedding and "ve" in self.transformer:
+            n_params -= sum(table.weight.numel() for table in self.transformer.ve)
         if non_embedding and not self.config.tie_embeddings:
             n_params -= self.transformer.wte.weight.numel()
         return n_params
@@ -394,10 +431,12 @@ class GPT(nn.Module):
         idx: torch.Tensor,
         targets: torch.Tensor | None = None,
         kv_cache: list[KVCache] | None = None,
+        label_smoothing: float = 0.0,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx (B, T) token ids -> (logits, loss). With targets (B, T): logits (B, T, V) and the mean
-        cross-entropy over targets != -1. Without: logits of the last position only, (B, 1, V).
-        With kv_cache (one KVCache per layer) idx continues the cached positions."""
+        cross-entropy over targets != -1 (against targets smoothed by label_smoothing, for training).
+        Without: logits of the last position only, (B, 1, V). With kv_cache (one KVCache per layer) idx
+        continues the cached positions."""
         B, T = idx.size()
         start = 0 if kv_cache is None else kv_cache[0].len
         learned = self.config.position == "learned"
@@ -417,13 +456,20 @@ class GPT(nn.Module):
         head_size = self.config.n_embd // self.config.n_head
         rope = None if learned else rotary(pos, head_size, self.config.rope_base)  # cos, sin of the angles
         x = self.transformer.drop(x)
+        x0 = x  # what residual_scalars mix back in at every block
         for i, block in enumerate(self.transformer.h):
-            x = block(x, None if kv_cache is None else kv_cache[i], rope)
+            ve = self.transformer.ve[i](idx) if self.config.value_embeddings else None  # (B, T, n_embd)
+            x = block(x, None if kv_cache is None else kv_cache[i], rope, x0, ve)
         x = self.transformer.ln_f(x)
 
         if targets is not None:
             logits = self._head(x)  # (B, T, V)
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+            loss = F.cross_entropy(
+                logits.view(-1, logits.size(-1)),
+                targets.reshape(-1),
+                ignore_index=-1,
+                label_smoothing=label_smoothing,
+            )
         else:
             # inference: only the last position's logits are needed (-1: keeps the time dim)
             logits = self._head(x[:, -1:, :])  # (B, 1, V)

@@ -34,8 +34,9 @@ LAUNCHER = textwrap.dedent(
     from nanogpt.data.loader import BatchLoader
 
     class OneProcessStream(BatchLoader):
-        def __init__(self, dataset_dir, batch_size, block_size, device="cpu", seed=1337, rank=0, world_size=1):
-            super().__init__(dataset_dir, batch_size, block_size, device, seed)  # the rank-0-of-1 stream
+        def __init__(self, dataset_dir, batch_size, block_size, device="cpu", seed=1337, rank=0, world_size=1,
+                     order="random"):
+            super().__init__(dataset_dir, batch_size, block_size, device, seed, order=order)  # rank 0 of 1's stream
             self.stream_rank, self.stream_world, self.drawn = rank, world_size, 0
 
         def get_batch(self, split):

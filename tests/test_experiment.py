@@ -117,12 +117,12 @@ def test_a_stopped_experiment_continues_where_it_stopped(experiment, tmp_path, m
     data_dir, out = whole.parent / "data", tmp_path / "runs"
     forward, calls = GPT.forward, []
 
-    def sigterm_in_seed_6(self, idx, targets=None, kv_cache=None):
+    def sigterm_in_seed_6(self, idx, targets=None, kv_cache=None, **kwargs):
         if self.training:
             calls.append(1)
             if len(calls) == 12 + 4:  # seed 5's 12 iterations, then seed 6's 4th
                 os.kill(os.getpid(), signal.SIGTERM)
-        return forward(self, idx, targets, kv_cache)
+        return forward(self, idx, targets, kv_cache, **kwargs)
 
     with monkeypatch.context() as m:
         m.setattr(GPT, "forward", sigterm_in_seed_6)

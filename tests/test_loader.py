@@ -1,4 +1,5 @@
-"""The loader: window contents and shift, seeded and resumable streams, ranks, the sequential pass, errors."""
+"""The loader: window contents and shift, seeded and resumable streams, ranks, shuffled epochs, the
+sequential pass, errors."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 from nanogpt.data.loader import BatchLoader, load_split, read_meta, sequential_batches
+from nanogpt.data.meta import write_meta
 from nanogpt.data.prepare import prepare_dataset
 from nanogpt.errors import NanoGPTError
 
@@ -82,6 +84,54 @@ def test_saved_state_resumes_the_very_same_batches(ramp):
     other = BatchLoader(ramp, B, T, rank=0, world_size=2)
     other.load_state_dict(state)
     assert _equal(_draws(other, ["train", "val"]), _draws(rank0, ["train", "val"]))
+
+
+@pytest.fixture
+def positions(tmp_path) -> object:
+    """Token i of the train split is i: a window's first token is where it starts."""
+    (tmp_path / "train.bin").write_bytes(np.arange(1000, dtype=np.uint16).tobytes())
+    (tmp_path / "val.bin").write_bytes(np.arange(100, dtype=np.uint16).tobytes())
+    meta = dict(
+        vocab_size=1000, dtype="uint16", train_tokens=1000, val_tokens=100, tokenizer={"name": "byte"}
+    )
+    write_meta(tmp_path, meta)
+    return tmp_path
+
+
+def _starts(loader: BatchLoader, batches: int) -> list[int]:
+    return [s for _ in range(batches) for s in loader.get_batch("train")[0][:, 0].tolist()]
+
+
+def test_shuffled_epochs_see_each_window_of_a_grid_once(positions):
+    """984 valid starts, T = 16: 61 windows of a grid per epoch, 15 batches of 4 (one left out)."""
+    loader = BatchLoader(positions, 4, 16, order="epochs")
+    epochs = [_starts(loader, 15) for _ in range(3)]
+    for starts in epochs:
+        assert len(set(starts)) == 60 and all(0 <= s < 1000 - 16 for s in starts)
+        assert len({s % 16 for s in starts}) == 1  # one grid offset per epoch
+    assert epochs[0] != epochs[1] != epochs[2]  # a new order and offset each epoch
+    plain = BatchLoader(positions, 4, 16)
+    assert len(set(_starts(plain, 15))) < 60  # random windows repeat and skip: what epochs avoid
+    # evaluation batches stay random windows, the same whatever the training order
+    assert torch.equal(loader.get_batch("val")[0], BatchLoader(positions, 4, 16).get_batch("val")[0])
+
+
+def test_shuffled_epochs_deal_each_epoch_out_among_the_ranks_and_resume(positions):
+    ranks = [BatchLoader(positions, 4, 16, seed=5, rank=r, world_size=2, order="epochs") for r in (0, 1)]
+    first = [_starts(r, 7) for r in ranks]  # 61 // 8 * 2 = 14 batches per epoch: 7 each
+    assert not set(first[0]) & set(first[1]) and len(set(first[0] + first[1])) == 56
+    state = ranks[1].state_dict()
+    upcoming = _starts(ranks[1], 10)  # into the next epoch
+    resumed = BatchLoader(positions, 4, 16, rank=1, world_size=2, order="epochs")
+    resumed.load_state_dict(state)
+    assert _starts(resumed, 10) == upcoming
+
+
+def test_shuffled_epochs_need_one_batch_of_windows(positions):
+    with pytest.raises(NanoGPTError, match="fewer than one batch of 64 per process"):
+        BatchLoader(positions, 64, 32, order="epochs").get_batch("train")
+    with pytest.raises(NanoGPTError, match="'random' or 'epochs'"):
+        BatchLoader(positions, 4, 16, order="sorted")
 
 
 def test_a_split_of_exactly_block_size_plus_one_has_one_window(tmp_path):

@@ -1,5 +1,5 @@
 """The model options beyond GPT-2 (GPTConfig.position, norm, qk_norm, mlp, tie_embeddings, logit_softcap,
-zero_init_proj): each against an independent reference where one exists (transformers' Llama rotary and
+zero_init_proj, residual_scalars, value_embeddings): each against an independent reference where one exists (transformers' Llama rotary and
 MLP, torch.nn.RMSNorm), the KV cache against recompute for every combination, and the rolling cache that
 lets a rotary model decode past block_size without recomputing."""
 
@@ -28,6 +28,7 @@ OPTIONS = dict(
     logit_softcap=(None, 5.0),
     zero_init_proj=(False, True),
 )
+EXTRAS = dict(residual_scalars=True, value_embeddings=True)  # parameters of their own: tested apart
 GREEDY = Sampling(temperature=0.0)
 MODERN = dict(
     position="rope", norm="rmsnorm", qk_norm=True, mlp="relu2", tie_embeddings=False, logit_softcap=5.0
@@ -187,6 +188,75 @@ def test_zero_init_proj_starts_every_block_as_the_identity():
     torch.testing.assert_close(model(idx, idx)[0], model.lm_head(t.ln_f(x)))
 
 
+@pytest.mark.parametrize("options", [dict(residual_scalars=True), dict(value_embeddings=True), EXTRAS])
+def test_residual_scalars_and_value_embeddings_start_as_the_plain_model(options):
+    """lambdas (1, 0) and zero value tables at init: the plain model's weights give its very logits."""
+    plain = randomized(tiny_model())
+    model = tiny_model(**options)
+    missing, unexpected = model.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all(".ve." in k or k.endswith("lambdas") for k in missing)
+    idx = torch.randint(0, 65, (2, 12), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(model(idx, idx)[0], plain(idx, idx)[0])
+
+
+def test_value_embeddings_add_to_the_values():
+    """A value table whose rows are all u acts as u added to c_attn's value bias in that layer."""
+    idx = torch.randint(0, 65, (2, 12), generator=torch.Generator().manual_seed(0))
+    model = randomized(tiny_model(value_embeddings=True, bias=True)).double()
+    plain = tiny_model(bias=True).double()
+    plain.load_state_dict(model.state_dict(), strict=False)
+    with torch.no_grad():
+        for layer, table in enumerate(model.transformer.ve):
+            table.weight.copy_(
+                table.weight[layer].clone().expand_as(table.weight)
+            )  # every token: row `layer`
+            plain.transformer.h[layer].attn.c_attn.bias[2 * 32 :] += table.weight[0]
+    torch.testing.assert_close(model(idx, idx)[0], plain(idx, idx)[0])
+
+
+def test_residual_scalars_mix_the_embeddings_into_each_block():
+    """Block 1 of a model with lambdas (a, b) reads a x1 + b x0, x0 the embeddings and x1 block 0's
+    output: computed by hand with the plain blocks."""
+    model = randomized(tiny_model(residual_scalars=True)).double()
+    idx = torch.randint(0, 65, (2, 12), generator=torch.Generator().manual_seed(0))
+    t = model.transformer
+    (a0, b0), (a1, b1) = t.h[0].lambdas.tolist(), t.h[1].lambdas.tolist()
+    x0 = t.wte(idx) + t.wpe(torch.arange(12))
+    with torch.no_grad():
+        for block in t.h:
+            block.lambdas.copy_(torch.tensor([1.0, 0.0]))  # the plain block
+        mixed = (a0 + b0) * x0  # block 0: the stream is the embeddings
+        x1 = t.h[0](mixed, x0=mixed)
+        mixed = a1 * x1 + b1 * x0
+        x2 = t.h[1](mixed, x0=mixed)
+        by_hand = model.lm_head(t.ln_f(x2))
+        for block, lambdas in zip(t.h, ((a0, b0), (a1, b1)), strict=True):
+            block.lambdas.copy_(torch.tensor(lambdas))
+        torch.testing.assert_close(model(idx, idx)[0], by_hand)
+
+
+def test_extras_keep_the_kv_cache_equal_to_recompute():
+    """Value tables are looked up per token and the mix per layer: the cached forward and the cached
+    greedy loop equal the recomputing ones, learned and rotary positions."""
+    idx = torch.randint(0, 65, (2, 12), generator=torch.Generator().manual_seed(0))
+    for position in ("learned", "rope"):
+        model = randomized(tiny_model(position=position, **EXTRAS)).double()
+        torch.testing.assert_close(cached_pieces(model, idx), model(idx, idx)[0])
+        reference = model.generate(idx, 10, temperature=0.0, use_cache=False)
+        assert torch.equal(model.generate(idx, 10, temperature=0.0), reference), position
+
+
+def test_label_smoothing_is_torchs_on_the_logits():
+    """(1 - e) cross-entropy + e times the mean of -log p over the vocabulary; 0 is the plain loss."""
+    model = randomized(tiny_model()).double()
+    idx = torch.randint(0, 65, (2, 12), generator=torch.Generator().manual_seed(0))
+    logits, plain = model(idx, idx)
+    logp = F.log_softmax(logits, dim=-1)
+    by_hand = 0.9 * plain + 0.1 * (-logp.mean(dim=-1)).mean()
+    torch.testing.assert_close(model(idx, idx, label_smoothing=0.1)[1], by_hand)
+    assert model(idx, idx, label_smoothing=0.0)[1] == plain
+
+
 def test_default_model_is_gpt2():
     model = tiny_model()
     assert model.config.non_gpt2_options() == []
@@ -227,7 +297,7 @@ def test_export_and_gpt2_weights_refuse_the_options_naming_them(tmp_path):
 
     with pytest.raises(NanoGPTError, match=r"GPT-2's architecture only.*position='rope', norm='rmsnorm'"):
         export(tiny_model(position="rope", norm="rmsnorm"), tmp_path / "hf")
-    for name, value in MODERN.items():
+    for name, value in {**MODERN, **EXTRAS}.items():
         with pytest.raises(NanoGPTError, match=f"{name}={value!r}"):
             export(tiny_model(**{name: value}), tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
@@ -260,7 +330,10 @@ def test_kv_cache_equals_recompute_for_every_combination():
         assert torch.equal(model.generate(idx[:, :12], 10, temperature=0.0), reference), options
 
 
-@pytest.mark.parametrize("options", [{}, MODERN, dict(MODERN, mlp="swiglu", position="learned")])
+@pytest.mark.parametrize(
+    "options",
+    [{}, MODERN, dict(MODERN, mlp="swiglu", position="learned"), dict(MODERN, **EXTRAS)],
+)
 @pytest.mark.parametrize("batch", [1, 3])
 def test_engine_equals_the_reference_loop_with_options(options, batch):
     """The decoding engine (generate.py) samples GPT.generate's recomputing tokens, past block_size too."""
@@ -281,9 +354,9 @@ def count_positions(monkeypatch) -> list[int]:
     """The number of positions each GPT.forward call reads, recorded."""
     calls, forward = [], GPT.forward
 
-    def counting(self, idx, targets=None, kv_cache=None):
+    def counting(self, idx, targets=None, kv_cache=None, **kwargs):
         calls.append(idx.size(1))
-        return forward(self, idx, targets, kv_cache)
+        return forward(self, idx, targets, kv_cache, **kwargs)
 
     monkeypatch.setattr(GPT, "forward", counting)
     return calls
@@ -377,7 +450,7 @@ def test_rope_model_crops_and_counts_without_position_embeddings():
 def test_every_option_trains():
     """The modern model with all options on learns one batch (a wiring error shows up here)."""
     torch.manual_seed(0)
-    model = GPT(GPTConfig(**TINY, **MODERN, zero_init_proj=True)).train()
+    model = GPT(GPTConfig(**TINY, **MODERN, **EXTRAS, zero_init_proj=True)).train()
     x = torch.randint(0, 65, (4, 16))
     y = torch.roll(x, -1, dims=1)
     optimizer = model.configure_optimizers(0.0, 3e-3, (0.9, 0.99), "cpu")

@@ -14,6 +14,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_optimize
 
 from nanogpt import GPT, GPTConfig
 from nanogpt.checkpoint import load_checkpoint
+from nanogpt.train.muon import Muon
 from nanogpt.train.optim import ChainedOptimizer, build_optimizer
 from nanogpt.train.schedule import get_lr
 from nanogpt.train.trainer import FULL_STATE, train
@@ -46,7 +47,7 @@ def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
     net = model(bias=True, tie_embeddings=False)
     optimizer = build_optimizer(net, muon_config(), "cpu")
     muon, adamw = optimizer
-    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    assert isinstance(muon, Muon) and isinstance(adamw, torch.optim.AdamW)
     names = {id(p): n for n, p in net.named_parameters()}
     muon_names = {names[id(p)] for g in muon.param_groups for p in g["params"]}
     assert muon_names == {
@@ -58,13 +59,12 @@ def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
     counted = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
     assert counted == net.get_num_params(non_embedding=False)  # every parameter exactly once
     group = muon.param_groups[0]
-    assert (group["lr"], group["momentum"], group["nesterov"], group["adjust_lr_fn"]) == (
-        0.05,
-        0.95,
-        True,
-        "original",
-    )
+    assert (group["lr"], group["momentum"], group["ns_steps"]) == (0.05, 0.95, 5)
     assert all(g["lr"] == 1e-3 for g in adamw.param_groups)
+    assert muon.splits == {}
+    split, _ = build_optimizer(net, muon_config(muon_split_qkv=True, muon_ns_steps=3), "cpu")
+    assert {names[id(p)] for p in split.splits} == {f"transformer.h.{i}.attn.c_attn.weight" for i in (0, 1)}
+    assert set(split.splits.values()) == {3} and split.param_groups[0]["ns_steps"] == 3
 
 
 def test_a_muon_step_moves_each_matrix_by_an_orthogonalised_update():

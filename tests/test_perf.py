@@ -20,13 +20,21 @@ from nanogpt.perf import (
 
 
 @pytest.mark.parametrize(
-    "asked, device, compiles",
-    [(None, "cpu", False), (None, "cuda:1", True), (True, "cpu", True), (False, "cuda", False)],
+    "asked, device, max_seconds, compiles",
+    [
+        (None, "cpu", 0, False),  # no budget: the run may be too short to pay a cold compile back
+        (None, "cpu", 120, False),
+        (None, "cpu", 600, True),
+        (None, "cuda:1", 0, True),
+        (True, "cpu", 0, True),
+        (False, "cuda", 600, False),
+        (False, "cpu", 600, False),
+    ],
 )
-def test_compile_is_as_asked_else_on_cuda_only(asked, device, compiles):
+def test_compile_is_as_asked_else_on_cuda_and_long_cpu_budgets(asked, device, max_seconds, compiles):
     """(compile_options reaches torch.compile in test_trainer's compiled run, which fails on an option
     inductor does not know.)"""
-    assert wants_compile(asked, device) is compiles
+    assert wants_compile(asked, device, max_seconds) is compiles
 
 
 class FakeLibc:

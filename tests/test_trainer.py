@@ -87,7 +87,8 @@ def test_training_learns_and_records_everything(data_dir, tmp_path):
 
 # the model options and Muon + WSD (optimizer state of both Muon and AdamW in the checkpoint)
 MODERN = dict(optimizer="muon", lr_schedule="wsd", position="rope", norm="rmsnorm", qk_norm=True, mlp="relu2",
-              tie_embeddings=False, logit_softcap=15.0, zero_init_proj=True)  # fmt: skip
+              tie_embeddings=False, logit_softcap=15.0, zero_init_proj=True, residual_scalars=True,
+              value_embeddings=True, muon_split_qkv=True, muon_ns_steps=3, label_smoothing=0.1)  # fmt: skip
 
 
 @pytest.mark.parametrize("recipe", [{}, MODERN], ids=["gpt2", "modern"])
@@ -140,18 +141,31 @@ def test_sigterm_saves_and_resumes_exactly(data_dir, tmp_path):
     assert loss_by_iter(stopped) == loss_by_iter(whole)
 
 
+@pytest.mark.slow
+def test_label_smoothing_trains_on_smoothed_targets_and_evaluates_plain(data_dir, tmp_path):
+    """The same first batch and weights: the logged training loss is the smoothed one, while the
+    evaluation before the first step (and so every val loss) is the plain cross-entropy."""
+    plain, smoothed = tmp_path / "plain", tmp_path / "smoothed"
+    train(tiny(data_dir, plain, max_iters=1, dropout=0.0))
+    train(tiny(data_dir, smoothed, max_iters=1, dropout=0.0, label_smoothing=0.2))
+    first = lambda out, key: next(r[key] for r in read_metrics(out) if key in r)
+    assert first(smoothed, "val_loss") == first(plain, "val_loss")
+    # at init the logits are near uniform: smoothing moves the loss towards log(65) from below or above
+    assert first(smoothed, "loss") != first(plain, "loss")
+
+
 def test_signal_stop_keeps_the_best_checkpoint(data_dir, tmp_path, monkeypatch):
     """always_save_checkpoint=false: ckpt.pt is the best model, and a stop must not overwrite it with a worse
     one. The stopped state goes to resume.pt, init_from=resume continues from it exactly, and a completed
     run removes it."""
     forward, calls = GPT.forward, []
 
-    def sigterm_in_iteration_6(self, idx, targets=None, kv_cache=None):
+    def sigterm_in_iteration_6(self, idx, targets=None, kv_cache=None, **kwargs):
         if self.training:
             calls.append(1)
             if len(calls) == 2 * 6 + 1:  # two micro-steps per iteration
                 os.kill(os.getpid(), signal.SIGTERM)
-        return forward(self, idx, targets, kv_cache)
+        return forward(self, idx, targets, kv_cache, **kwargs)
 
     stopped, whole = tmp_path / "stopped", tmp_path / "whole"
     cfg = tiny(data_dir, stopped, max_iters=12, always_save_checkpoint=False, learning_rate=1e-2)
@@ -214,8 +228,8 @@ def test_kill_9_during_saves_leaves_a_good_checkpoint_and_resumes(data_dir, tmp_
 def test_non_finite_loss_stops_and_keeps_the_checkpoint(data_dir, tmp_path, monkeypatch):
     forward, calls = GPT.forward, []
 
-    def nan_from_iteration_6(self, idx, targets=None, kv_cache=None):
-        logits, loss = forward(self, idx, targets, kv_cache)
+    def nan_from_iteration_6(self, idx, targets=None, kv_cache=None, **kwargs):
+        logits, loss = forward(self, idx, targets, kv_cache, **kwargs)
         if self.training:
             calls.append(1)
             if len(calls) > 2 * 6:  # two micro-steps per iteration

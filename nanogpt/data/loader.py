@@ -1,8 +1,10 @@
 """Batches from prepared token files: random (x, y) windows for training, a sequential pass for evaluation.
 
 Random windows follow nanoGPT: start i uniform in [0, len - block_size), x = data[i : i+T],
-y = data[i+1 : i+1+T]. Each batch's starts come from a torch.Generator seeded from (seed, rank, split,
-batch number), so
+y = data[i+1 : i+1+T]. Shuffled epochs (order="epochs", training only) take every window of a grid
+o + k T once per epoch instead, in a random order, with a random offset o per epoch: no text is seen
+twice before all of it is seen once. Each batch's starts come from a torch.Generator seeded from
+(seed, rank, split, batch number) (epochs: from (seed, split, epoch), the ranks taking turns), so
 - a resumed run draws the very same batches: the state is just the batch count per split;
 - each DDP rank draws its own windows, and a state saved by rank 0 restores every rank's stream;
 - evaluating val never shifts the train stream.
@@ -83,28 +85,60 @@ class BatchLoader:
         seed: int = 1337,
         rank: int = 0,
         world_size: int = 1,
+        order: str = "random",
     ):
         if batch_size < 1 or block_size < 1:
             raise NanoGPTError(f"batch_size and block_size must be >= 1, got {batch_size} and {block_size}")
         if not 0 <= rank < world_size:
             raise NanoGPTError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        if order not in ("random", "epochs"):
+            raise NanoGPTError(f"the batch order must be 'random' or 'epochs', got {order!r}")
         self.dataset_dir = Path(dataset_dir)
         self.meta = read_meta(self.dataset_dir)
         self.vocab_size: int = int(self.meta["vocab_size"])
         self.batch_size, self.block_size = batch_size, block_size
         self.device = torch.device(device)
         self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.order = order
+        self._epoch: tuple[int, np.ndarray] | None = (
+            None  # (epoch, its shuffled window starts), the last used
+        )
         self._batches: dict[str, int] = {}  # split -> batches drawn so far
         self._files: dict[str, tuple[str, int]] = {}  # split -> (its .bin, its token count), once checked
         self._generator = torch.Generator()
         self._offsets = np.arange(block_size + 1)  # (T+1,)
 
+    def _seed(self, name: str) -> None:
+        key = hashlib.blake2b(f"{self.seed}/{name}".encode(), digest_size=8).digest()
+        self._generator.manual_seed(int.from_bytes(key, "little"))
+
     def _starts(self, split: str, high: int) -> np.ndarray:
         n = self._batches.get(split, 0)
-        key = hashlib.blake2b(f"{self.seed}/{self.rank}/{split}/{n}".encode(), digest_size=8).digest()
-        self._generator.manual_seed(int.from_bytes(key, "little"))
         self._batches[split] = n + 1
+        if self.order == "epochs" and split == "train":
+            return self._epoch_starts(n, high)
+        self._seed(f"{self.rank}/{split}/{n}")
         return torch.randint(high, (self.batch_size,), generator=self._generator).numpy()  # (B,)
+
+    def _epoch_starts(self, n: int, high: int) -> np.ndarray:
+        """This rank's batch n of the shuffled epochs: global batch n * world_size + rank. An epoch is
+        the K = high // T windows at o, o + T, ... (o < T, so all start below high) in a random order;
+        its batches are the first K // (B * world_size) * world_size slices of B (the rest is left out)."""
+        T, B = self.block_size, self.batch_size
+        K = high // T
+        per_epoch = K // (B * self.world_size) * self.world_size
+        if per_epoch == 0:
+            raise NanoGPTError(
+                f"the train split holds {K} windows of block_size {T}, fewer than one batch of {B} per "
+                f"process ({self.world_size}): use batch_order='random' or a smaller batch"
+            )
+        epoch, j = divmod(n * self.world_size + self.rank, per_epoch)
+        if self._epoch is None or self._epoch[0] != epoch:
+            self._seed(f"train/epoch/{epoch}")
+            offset = int(torch.randint(T, (1,), generator=self._generator))
+            order = torch.randperm(K, generator=self._generator).numpy()
+            self._epoch = (epoch, offset + T * order)
+        return self._epoch[1][j * B : (j + 1) * B]  # (B,)
 
     def _file(self, split: str) -> tuple[str, int]:
         if split not in self._files:

@@ -53,6 +53,9 @@ class TrainConfig:
         40  # micro-steps per iteration, over all processes (divided among them)
     )
     batch_size: int = 12  # sequences per micro-step per process
+    # training windows: "random" starts (nanoGPT's), or "epochs": each epoch every window of a grid at a
+    # random offset once, shuffled (nanogpt/data/loader.py); evaluation batches are random windows either way
+    batch_order: Literal["random", "epochs"] = "random"
     block_size: int = 1024  # context length in tokens
     # model (ignored where the weights decide: resume, GPT-2; dropout always applies)
     n_layer: int = 12
@@ -71,16 +74,25 @@ class TrainConfig:
     tie_embeddings: bool = True  # lm_head shares wte's matrix (GPT-2); False: a head of its own
     logit_softcap: float | None = None  # c: logits = c * tanh(logits / c)
     zero_init_proj: bool = False  # the residual projections (c_proj) start at zero
+    residual_scalars: bool = False  # each block's input: learned lambdas[0] x + lambdas[1] embeddings
+    value_embeddings: bool = False  # each layer adds a per-token table (zero at init) to its values
     # optimizer: AdamW, or Muon for the blocks' matrices + AdamW for the rest (nanogpt/train/optim.py)
     optimizer: Literal["adamw", "muon"] = "adamw"
     learning_rate: float = 6e-4  # peak learning rate (AdamW's)
     muon_learning_rate: float = 0.02  # Muon's peak (Keller Jordan's convention; see optim.py)
     muon_momentum: float = 0.95  # Muon's (Nesterov) momentum
+    muon_ns_steps: int = (
+        5  # Newton-Schulz iterations per matrix and step (each ~4 (rows, rows, cols) matmuls)
+    )
+    muon_split_qkv: bool = False  # orthogonalise c_attn's q, k and v apart rather than as one (3 C, C) matrix
     max_iters: int = 600000  # optimizer steps in total (a resumed run continues up to this)
     weight_decay: float = 1e-1  # on matrices only (see GPT.configure_optimizers)
     beta1: float = 0.9  # AdamW's first-moment decay
     beta2: float = 0.95  # AdamW's second-moment decay
     grad_clip: float = 1.0  # clip the global gradient norm to this; 0 disables clipping
+    label_smoothing: float = (
+        0.0  # training targets mix in this much of the uniform distribution (evals: none)
+    )
     # learning rate schedule
     decay_lr: bool = True  # linear warmup then a decay; False: constant learning_rate
     lr_schedule: Literal["cosine", "wsd"] = "cosine"  # wsd: warmup, constant, linear decay at the end
@@ -128,6 +140,10 @@ class TrainConfig:
         for name in ("max_iters", "warmup_iters", "lr_decay_iters", "grad_clip", "min_lr", "weight_decay"):
             _require(getattr(self, name) >= 0, f"{name} must not be negative, got {getattr(self, name)}")
         _require(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+        _require(
+            0.0 <= self.label_smoothing < 1.0,
+            f"label_smoothing must be in [0, 1), got {self.label_smoothing}",
+        )
         _require(self.learning_rate > 0, f"learning_rate must be positive, got {self.learning_rate}")
         _require(
             self.muon_learning_rate > 0, f"muon_learning_rate must be positive, got {self.muon_learning_rate}"
@@ -136,6 +152,7 @@ class TrainConfig:
         _require(
             self.max_seconds >= 0, f"max_seconds must not be negative (0: no budget), got {self.max_seconds}"
         )
+        _require(self.muon_ns_steps > 0, f"muon_ns_steps must be positive, got {self.muon_ns_steps}")
         _require(0 <= self.muon_momentum < 1, f"muon_momentum must be in [0, 1), got {self.muon_momentum}")
         _require(
             not self.decay_lr or self.min_lr <= self.learning_rate,
@@ -161,6 +178,11 @@ class TrainConfig:
         _require(
             not self.sft_data or self.init_from != "scratch",
             "sft_data fine-tunes a base model: give --init_from (gpt2, a HF folder, a checkpoint or an out_dir)",
+        )
+        _require(
+            not (self.sft_data and self.batch_order == "epochs"),
+            "batch_order='epochs' orders windows of a prepared dataset; sft_data packs conversations "
+            "in its own order: leave batch_order out",
         )
         _require(
             0 < self.sft_val_fraction < 1, f"sft_val_fraction must be in (0, 1), got {self.sft_val_fraction}"

@@ -1,5 +1,6 @@
 """The optimizer of a training run: AdamW for every parameter (GPT.configure_optimizers, nanoGPT's), or
-Muon for the blocks' matrices and AdamW for the rest (modded-nanogpt's and nanochat's split).
+Muon (nanogpt/train/muon.py) for the blocks' matrices and AdamW for the rest (modded-nanogpt's and
+nanochat's split).
 
 Learning rates. `learning_rate` is AdamW's peak; `muon_learning_rate` is Muon's, in Keller Jordan's
 convention (torch.optim.Muon's adjust_lr_fn="original"): a matrix (rows, cols) moves by
@@ -19,6 +20,7 @@ from torch import nn
 from nanogpt.errors import NanoGPTError
 from nanogpt.model import GPT
 from nanogpt.train.config import TrainConfig
+from nanogpt.train.muon import Muon
 
 
 class ChainedOptimizer:
@@ -59,25 +61,28 @@ def muon_with_adamw(
     learning_rate: float,
     betas: tuple[float, float],
     device_type: str,
+    ns_steps: int = 5,
+    split_qkv: bool = False,
 ) -> ChainedOptimizer:
-    """Muon (torch.optim.Muon) for the blocks' matrices, AdamW (GPT.configure_optimizers) for the
-    embeddings, the head, biases and gains. Muon orthogonalises whole matrices: under FSDP, where each
-    process holds a shard of each, it would orthogonalise the shards, so that is refused."""
+    """Muon for the blocks' matrices (c_attn as q, k and v if split_qkv), AdamW (GPT.configure_optimizers)
+    for the embeddings, the head, biases and gains. Muon orthogonalises whole matrices: under FSDP, where
+    each process holds a shard of each, it would orthogonalise the shards, so that is refused."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # tied weights appear once
     matrices = [p for n, p in named if is_hidden_matrix(n, p)]
+    splits = {p: 3 for n, p in named if split_qkv and n.endswith("attn.c_attn.weight")}
     if any(type(p).__name__ == "DTensor" for p in matrices):
         raise NanoGPTError(
             "optimizer='muon' orthogonalises whole matrices, but FSDP shards them across processes: "
             "use --parallel=ddp (or optimizer='adamw')"
         )
     print(f"Muon for {len(matrices)} matrices, with {sum(p.numel() for p in matrices):,} parameters")
-    muon = torch.optim.Muon(
+    muon = Muon(
         matrices,
         lr=muon_learning_rate,
         weight_decay=weight_decay,
         momentum=momentum,
-        nesterov=True,
-        adjust_lr_fn="original",
+        ns_steps=ns_steps,
+        splits=splits,
     )
     rest = [p for n, p in named if not is_hidden_matrix(n, p)]
     return ChainedOptimizer(
@@ -99,5 +104,7 @@ def build_optimizer(
             cfg.learning_rate,
             betas,
             device_type,
+            cfg.muon_ns_steps,
+            cfg.muon_split_qkv,
         )
     return model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, betas, device_type)

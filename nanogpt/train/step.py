@@ -48,6 +48,7 @@ class TrainStep:
     autocast: contextlib.AbstractContextManager
     accum: int = 1  # micro-batches per step (on this process)
     grad_clip: float = 1.0  # 0: no clipping
+    label_smoothing: float = 0.0  # of the training loss (GPT.forward)
 
     def __call__(self, next_batch: Callable[[], Batch]) -> tuple[torch.Tensor, torch.Tensor]:
         """Take one step on `accum` batches from next_batch -> (the mean loss of its micro-batches and the
@@ -57,7 +58,7 @@ class TrainStep:
             distributed.set_grad_sync(self.wrapped, micro_step == self.accum - 1)
             x, y = next_batch()
             with self.autocast:
-                _, loss = self.forward(x, y)
+                _, loss = self.forward(x, y, label_smoothing=self.label_smoothing)
                 loss = loss / self.accum  # the mean over micro-batches: gradients add up over them
             self.scaler.scale(loss).backward()  # with gradient scaling if training in float16
             loss_sum += loss.detach()

@@ -231,7 +231,7 @@ class Run:
             )
         self.tokens_per_iter = self.accum * env.world_size * cfg.batch_size * self.block_size
         self._build_step()
-        self.loader = self.new_loader(cfg.seed, env.rank, env.world_size)
+        self.loader = self.new_loader(cfg.seed, env.rank, env.world_size, cfg.batch_order)
         _seed_everything(cfg.seed + env.rank)  # dropout differs across ranks, like their batches
         self.iter_num, self.best_val_loss, self.train_time = 0, math.inf, 0.0
         self.elapsed_before, self.started, self.eval_seconds = 0.0, time.perf_counter(), 0.0
@@ -266,7 +266,7 @@ class Run:
             checkpoint_activations(self.raw_model)
         self.wrapped = distributed.wrap(self.raw_model, self.env, cfg.parallel, self.device)
         self.model = self.wrapped
-        if wants_compile(cfg.compile, self.device):
+        if wants_compile(cfg.compile, self.device, cfg.max_seconds):
             print("compiling the model... (takes a ~minute)")
             self.model = torch.compile(self.wrapped, options=compile_options(self.device))
         optimizer = build_optimizer(self.raw_model, cfg, device_type(self.device))
@@ -280,6 +280,7 @@ class Run:
             self.autocast,
             self.accum,
             cfg.grad_clip,
+            cfg.label_smoothing,
         )
 
     def _restore(self, ckpt: dict[str, Any]) -> None:
@@ -370,12 +371,22 @@ class Run:
         spent = (self.elapsed_s() + self.eval_seconds) / self.cfg.max_seconds
         return distributed.all_sum([spent], self.env, self.device)[0] / self.env.world_size
 
-    def new_loader(self, seed: int, rank: int = 0, world_size: int = 1) -> BatchLoader | SFTLoader:
-        """Batches of the run's data: windows of the prepared dataset, or SFT's packed conversations."""
+    def new_loader(
+        self, seed: int, rank: int = 0, world_size: int = 1, order: str = "random"
+    ) -> BatchLoader | SFTLoader:
+        """Batches of the run's data: windows of the prepared dataset (in `order`), or SFT's packed
+        conversations."""
         if self.sft:
             return self.sft.loader(self.cfg.batch_size, self.device, seed, rank, world_size)
         return BatchLoader(
-            self.data_dir, self.cfg.batch_size, self.block_size, self.device, seed, rank, world_size
+            self.data_dir,
+            self.cfg.batch_size,
+            self.block_size,
+            self.device,
+            seed,
+            rank,
+            world_size,
+            order,
         )
 
     def evaluate(self, log: RunLog | NullLog) -> None:
