@@ -37,7 +37,7 @@ python -m nanogpt experiment \
 # the whole val split (111,540 characters), not the 20 batches of the runs' own evaluations: each finished
 # run once (a run in progress, say another invocation's on the same --out, is left for later)
 touch "$out/full_val.jsonl"
-for run in "$out"/*/shakespeare_char/seed_*; do
+for run in "$out"/*/shakespeare_char/seed_* "$out"/shakespeare_char/seed_*; do  # with variants, and without
   [ -f "$run/final_info.json" ] || continue
   grep -qF "\"run\": \"$run\"" "$out/full_val.jsonl" && continue
   python -m nanogpt eval --out_dir="$run" --split=val --json=true 2>/dev/null \

@@ -5,8 +5,9 @@ preset was chosen (benchmarks/README.md, "Training to quality").
     python benchmarks/compare_runs.py out/base:"4x256, lr 2e-3" out/deep:"6x192" --png=curves.png
     python benchmarks/compare_runs.py out/modern:ours nanogpt_baby.log:"nanoGPT's baby" --png=curves.png
 
-Each argument is a training out_dir (it holds metrics.jsonl), or the log of nanoGPT's own train.py with
-each line prefixed by the seconds since it started (benchmarks/README.md shows the command), optionally
+Each argument is a training out_dir (it holds metrics.jsonl), the log of nanoGPT's own train.py with
+each line prefixed by the seconds since it started (benchmarks/README.md shows the command), or a run kept
+in an experiment's results file, FILE.json#RUN (its val_curve: runs of earlier sessions), optionally
 followed by :label.
 """
 
@@ -37,9 +38,20 @@ def nanogpt_logs(path: Path) -> tuple[list[dict], list[dict]]:
     return [{"ms": float(m[1])} for m in map(NANOGPT_ITER.match, lines) if m], val_log
 
 
+def kept_run(path: Path, run: str) -> tuple[list[dict], list[dict]]:
+    """(no train log, val log) of one run in an experiment's final_info-style JSON (val_curve rows:
+    iteration, seconds, val loss)."""
+    curve = json.loads(path.read_text())[run]["val_curve"]
+    return [], [{"iter": i, "elapsed_s": t, "val_loss": v} for i, t, v in curve]
+
+
 def summary(out_dir: Path) -> dict:
     """The run's config and what it reached: last and best val loss, median ms per logged iteration."""
-    if out_dir.is_file():  # nanoGPT's own log
+    if "#" in str(out_dir):  # a run kept in a results file
+        file, _, run = str(out_dir).partition("#")
+        train_log, val_log = kept_run(Path(file), run)
+        config = {"results": str(out_dir)}
+    elif out_dir.is_file():  # nanoGPT's own log
         train_log, val_log = nanogpt_logs(out_dir)
         config = {"log": str(out_dir)}
     else:
