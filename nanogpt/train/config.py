@@ -17,6 +17,15 @@ from nanogpt.errors import NanoGPTError
 from nanogpt.hf import PRETRAINED
 from nanogpt.options import check_finite, did_you_mean, help_text, parse_overrides, read_toml, set_fields
 
+# counts that must be at least 1
+POSITIVE_COUNTS = (
+    "eval_interval",
+    "log_interval",
+    "eval_iters",
+    "gradient_accumulation_steps",
+    "muon_ns_steps",
+)
+
 
 @dataclass
 class TrainConfig:
@@ -125,7 +134,7 @@ class TrainConfig:
 
     def __post_init__(self):
         check_finite(self, "TrainConfig")
-        for name in ("eval_interval", "log_interval", "eval_iters", "gradient_accumulation_steps"):
+        for name in POSITIVE_COUNTS:
             _require(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
         _require(
             self.eval_tasks_limit >= 0, f"eval_tasks_limit must not be negative, got {self.eval_tasks_limit}"
@@ -139,11 +148,8 @@ class TrainConfig:
             _require(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
         for name in ("max_iters", "warmup_iters", "lr_decay_iters", "grad_clip", "min_lr", "weight_decay"):
             _require(getattr(self, name) >= 0, f"{name} must not be negative, got {getattr(self, name)}")
-        _require(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
-        _require(
-            0.0 <= self.label_smoothing < 1.0,
-            f"label_smoothing must be in [0, 1), got {self.label_smoothing}",
-        )
+        for name in ("dropout", "label_smoothing"):
+            _require(0.0 <= getattr(self, name) < 1.0, f"{name} must be in [0, 1), got {getattr(self, name)}")
         _require(self.learning_rate > 0, f"learning_rate must be positive, got {self.learning_rate}")
         _require(
             self.muon_learning_rate > 0, f"muon_learning_rate must be positive, got {self.muon_learning_rate}"
@@ -152,7 +158,6 @@ class TrainConfig:
         _require(
             self.max_seconds >= 0, f"max_seconds must not be negative (0: no budget), got {self.max_seconds}"
         )
-        _require(self.muon_ns_steps > 0, f"muon_ns_steps must be positive, got {self.muon_ns_steps}")
         _require(0 <= self.muon_momentum < 1, f"muon_momentum must be in [0, 1), got {self.muon_momentum}")
         _require(
             not self.decay_lr or self.min_lr <= self.learning_rate,
@@ -181,8 +186,7 @@ class TrainConfig:
         )
         _require(
             not (self.sft_data and self.batch_order == "epochs"),
-            "batch_order='epochs' orders windows of a prepared dataset; sft_data packs conversations "
-            "in its own order: leave batch_order out",
+            "batch_order='epochs' orders a prepared dataset's windows, not sft_data's: leave it out",
         )
         _require(
             0 < self.sft_val_fraction < 1, f"sft_val_fraction must be in (0, 1), got {self.sft_val_fraction}"
