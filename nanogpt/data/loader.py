@@ -100,9 +100,8 @@ class BatchLoader:
         self.device = torch.device(device)
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.order = order
-        self._epoch: tuple[int, np.ndarray] | None = (
-            None  # (epoch, its shuffled window starts), the last used
-        )
+        # (epoch, its shuffled window starts) of the last epoch drawn from
+        self._epoch: tuple[int, np.ndarray] | None = None
         self._batches: dict[str, int] = {}  # split -> batches drawn so far
         self._files: dict[str, tuple[str, int]] = {}  # split -> (its .bin, its token count), once checked
         self._generator = torch.Generator()

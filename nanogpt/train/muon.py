@@ -4,8 +4,8 @@ Newton-Schulz iterations, so that it moves every direction of the matrix at abou
 The update is torch.optim.Muon's (nesterov=True, adjust_lr_fn="original", tested equal to it), with two
 differences that matter at 1-10M parameters:
 - The Newton-Schulz iterations of all matrices of one shape run as one batched matmul. They cost the same
-  whatever the batch (~12 GFLOP per step for 6 x 192); one matrix at a time they took 78 ms on a 2-core
-  Zen 4, stacked 46 ms (benchmarks/README.md).
+  whatever the batch (~12 GFLOP per step for 6 x 192); torch.optim.Muon's step took 88 ms on a 2-core
+  Zen 4, this one 62 ms (benchmarks/bench_muon.py, benchmarks/README.md).
 - A matrix may be orthogonalised as row blocks: `splits[p] = 3` treats c_attn's (3 C, C) weight as q, k
   and v (modded-nanogpt's split), each with its own scale and learning-rate ratio.
 """
