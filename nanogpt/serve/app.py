@@ -178,7 +178,7 @@ def failure(piece: Piece) -> ApiError | None:
 async def pieces_of(job: Job) -> AsyncIterator[list[Piece]]:
     """The pieces of a job as they arrive (all queued ones at once), until every completion finished.
     Leaving early (client gone, error) cancels the job: the decoding loop frees its rows next step."""
-    left = {c.index for c in job.completions}
+    left = set(job.indices)
     try:
         while left:
             pieces = await job.queue.get()
@@ -301,7 +301,7 @@ class Api:
     def submit(self, completions: list[Completion]) -> Job:
         job = Job(completions, asyncio.get_running_loop())
         try:
-            self.state.scheduler.submit(job)
+            self.state.scheduler.submit(completions)
         except Busy as e:
             raise ApiError(
                 503, f"the server is busy: {e}" if e.code == "server_busy" else str(e), code=e.code
@@ -310,8 +310,8 @@ class Api:
 
     async def collect(self, job: Job, answer: Answer, with_logprobs: bool) -> dict:
         """The whole reply of a job that is not streamed."""
-        texts = {c.index: [answer.prefix[c.index]] for c in job.completions}
-        draws: dict[int, list] = {c.index: [] for c in job.completions}
+        texts = {i: [answer.prefix[i]] for i in job.indices}
+        draws: dict[int, list] = {i: [] for i in job.indices}
         finish, tokens = {}, {}
         async for pieces in pieces_of(job):
             for p in pieces:
@@ -352,7 +352,7 @@ class Api:
         (after an error event too)."""
         reply, prefix = answer.reply, answer.prefix
         first = reply.kind == "chat" or any(prefix)
-        for i in range(len(job.completions) if first else 0):
+        for i in range(len(job.indices) if first else 0):
             yield sse(reply.chunk([reply.choice(i, prefix[i] or None, None, delta=True)], None, with_usage))
         tokens = {}
         offsets = {i: 0 if prefix[i] else answer.prompt_chars[i] for i in range(len(prefix))}

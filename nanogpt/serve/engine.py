@@ -132,10 +132,12 @@ class Completion:
 
 
 class Job:
-    """One HTTP request's completions and the asyncio queue their pieces go back through."""
+    """One HTTP request: its completions' indices and the asyncio queue their pieces go back through.
+    Completions point to their job but not the other way round: with no cycle, a finished request
+    (stop-string tables of megabytes among it) is freed at once, not at the next full garbage collection."""
 
     def __init__(self, completions: list[Completion], loop: asyncio.AbstractEventLoop):
-        self.completions = completions
+        self.indices = [c.index for c in completions]
         self.loop = loop
         self.queue: asyncio.Queue[list[Piece]] = asyncio.Queue()
         self.cancelled = False  # set by the request's side (client gone); the loop drops it next step
@@ -160,7 +162,7 @@ def _put_all(batch: list[tuple[Job, list[Piece]]]) -> None:
 
 
 class Scheduler:
-    """The decoding thread. `submit` a Job; its completions join the batch as rows free up."""
+    """The decoding thread. `submit` a Job's completions; they join the batch as rows free up."""
 
     def __init__(
         self,
@@ -209,16 +211,17 @@ class Scheduler:
         """(running, waiting) completions."""
         return len(self.running), len(self.waiting)
 
-    def submit(self, job: Job) -> None:
+    def submit(self, completions: list[Completion]) -> None:
+        """Queue a job's completions (Job(completions, loop) made them its own)."""
         with self.wake:
             problem = self.problem()
             if problem:
                 raise Busy(problem, "decoder_failed" if self.failure else "server_shutting_down")
-            if len(self.waiting) + len(job.completions) > self.max_waiting:
+            if len(self.waiting) + len(completions) > self.max_waiting:
                 raise Busy(
                     f"{len(self.waiting)} completions are waiting already (at most {self.max_waiting})"
                 )
-            self.waiting.extend(job.completions)
+            self.waiting.extend(completions)
             self.wake.notify()
 
     def _run(self) -> None:
