@@ -85,10 +85,11 @@ def test_training_learns_and_records_everything(data_dir, tmp_path):
     model_from_checkpoint(ckpt)
 
 
-# the model options and Muon + WSD (optimizer state of both Muon and AdamW in the checkpoint)
+# the model options and Muon + WSD (optimizer state of both Muon and AdamW in the checkpoint), and the
+# weights' average (the checkpoint's model is the average, its raw weights beside it)
 MODERN = dict(optimizer="muon", lr_schedule="wsd", position="rope", norm="rmsnorm", qk_norm=True, mlp="relu2",
               tie_embeddings=False, logit_softcap=15.0, zero_init_proj=True, residual_scalars=True,
-              value_embeddings=True, muon_split_qkv=True, muon_ns_steps=3, label_smoothing=0.1)  # fmt: skip
+              value_embeddings=True, muon_split_qkv=True, muon_ns_steps=3, label_smoothing=0.1, ema_decay=0.9)  # fmt: skip
 
 
 @pytest.mark.parametrize("recipe", [{}, MODERN], ids=["gpt2", "modern"])
@@ -107,6 +108,9 @@ def test_exact_resume(data_dir, tmp_path, recipe):
     a, b = load_checkpoint(whole), load_checkpoint(part)
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
+    assert ("ema" in a) == ("ema_decay" in recipe)
+    for key, value in a.get("ema", {}).get("raw", {}).items():
+        assert torch.equal(value, b["ema"]["raw"][key]), key
 
 
 @pytest.mark.slow

@@ -26,6 +26,13 @@ POSITIVE_COUNTS = (
     "muon_ns_steps",
 )
 
+# options that an FSDP-sharded run (parallel=fsdp) refuses, and why
+FSDP_REFUSED = {
+    "eval_tasks": "runs on rank 0 alone, which an FSDP-sharded model cannot: use parallel=ddp, or nanogpt "
+    "eval --tasks on the checkpoint",
+    "ema_decay": "is not supported with parallel=fsdp (the average is not sharded): use parallel=ddp",
+}
+
 
 @dataclass
 class TrainConfig:
@@ -102,6 +109,9 @@ class TrainConfig:
     label_smoothing: float = (
         0.0  # training targets mix in this much of the uniform distribution (evals: none)
     )
+    # > 0: evaluations and checkpoints use an exponential moving average of the weights with this decay
+    # (e.g. 0.99: about the last 100 steps; nanogpt/train/ema.py); training goes on from the raw weights
+    ema_decay: float = 0.0
     # learning rate schedule
     decay_lr: bool = True  # linear warmup then a decay; False: constant learning_rate
     lr_schedule: Literal["cosine", "wsd"] = "cosine"  # wsd: warmup, constant, linear decay at the end
@@ -139,16 +149,13 @@ class TrainConfig:
         _require(
             self.eval_tasks_limit >= 0, f"eval_tasks_limit must not be negative, got {self.eval_tasks_limit}"
         )
-        _require(
-            not (self.eval_tasks and self.parallel == "fsdp"),
-            "eval_tasks runs on rank 0 alone, which an FSDP-sharded model cannot: use parallel=ddp, or "
-            "nanogpt eval --tasks on the checkpoint",
-        )
+        for name, why in FSDP_REFUSED.items():
+            _require(not (getattr(self, name) and self.parallel == "fsdp"), f"{name} {why}")
         for name in ("batch_size", "block_size", "n_layer", "n_head", "n_embd"):
             _require(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
         for name in ("max_iters", "warmup_iters", "lr_decay_iters", "grad_clip", "min_lr", "weight_decay"):
             _require(getattr(self, name) >= 0, f"{name} must not be negative, got {getattr(self, name)}")
-        for name in ("dropout", "label_smoothing"):
+        for name in ("dropout", "label_smoothing", "ema_decay"):
             _require(0.0 <= getattr(self, name) < 1.0, f"{name} must be in [0, 1), got {getattr(self, name)}")
         _require(self.learning_rate > 0, f"learning_rate must be positive, got {self.learning_rate}")
         _require(

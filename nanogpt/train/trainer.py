@@ -58,6 +58,7 @@ from nanogpt.perf import compile_options, keep_freed_memory, matmul_peak_flops, 
 from nanogpt.train import distributed
 from nanogpt.train.config import TrainConfig, given_keys, load_train_config, preset_names, train_help
 from nanogpt.train.distributed import DistEnv
+from nanogpt.train.ema import WeightEMA, restore_raw_weights
 from nanogpt.train.metrics import NullLog, RunLog
 from nanogpt.train.model_init import fine_tune_config, given_values, init_model, resumed_config
 from nanogpt.train.optim import build_optimizer
@@ -270,6 +271,8 @@ class Run:
             print("compiling the model... (takes a ~minute)")
             self.model = torch.compile(self.wrapped, options=compile_options(self.device))
         optimizer = build_optimizer(self.raw_model, cfg, device_type(self.device))
+        # the weights' average starts from the weights as they are (a resumed run's: its saved average)
+        self.ema = WeightEMA(self.raw_model, cfg.ema_decay) if cfg.ema_decay else None
         self.peak_lrs = [group["lr"] for group in optimizer.param_groups]  # AdamW's and Muon's peaks
         self.step = TrainStep(
             self.model,
@@ -289,6 +292,10 @@ class Run:
         self.train_time = ckpt.get("train_time", 0.0)  # of the parts before: the run's total stays true
         self.elapsed_before = ckpt.get("elapsed_s", 0.0)  # wall time of the parts before, evals included
         self._restore_optimizer(ckpt)
+        if "ema" in ckpt:  # its model is the average: training goes on from the raw weights saved beside
+            restore_raw_weights(self.raw_model, ckpt["ema"]["raw"])
+            if self.ema is not None:
+                self.ema.updates = ckpt["ema"]["updates"]
         if is_nanogpt_checkpoint(ckpt):
             print("a nanoGPT checkpoint saves no RNG state or data position: resumed with fresh ones")
             return
@@ -392,14 +399,15 @@ class Run:
     def evaluate(self, log: RunLog | NullLog) -> None:
         """Estimate the train and val loss; save a checkpoint if val improved (or always, if so asked)."""
         t0, elapsed = time.perf_counter(), self.elapsed_s()
-        losses = estimate_loss(
-            self.model, self.new_loader, self.cfg, self.block_size, self.device, self.autocast, self.env
-        )
+        with self.averaged():
+            losses = estimate_loss(
+                self.model, self.new_loader, self.cfg, self.block_size, self.device, self.autocast, self.env
+            )
+            record = {"iter": self.iter_num, "train_loss": losses["train"], "val_loss": losses["val"]}
+            if self.task_evaluator is not None:  # rank 0 alone; the others wait at their next step
+                record |= self.task_evaluator(self.raw_model, self.device, self.dtype)
         _check_finite(losses["val"] + losses["train"], self.iter_num, self.cfg.out_dir)
         self.last_eval = losses
-        record = {"iter": self.iter_num, "train_loss": losses["train"], "val_loss": losses["val"]}
-        if self.task_evaluator is not None:  # rank 0 alone; the others wait at their next step
-            record |= self.task_evaluator(self.raw_model, self.device, self.dtype)
         log.log_eval(record | {"elapsed_s": elapsed})  # wall seconds when this evaluation began
         if losses["val"] < self.best_val_loss or self.cfg.always_save_checkpoint:
             self.best_val_loss = min(self.best_val_loss, losses["val"])
@@ -428,6 +436,8 @@ class Run:
             param_group["lr"] = lr * (peak / cfg.learning_rate)
         t0 = time.perf_counter()
         loss, grad_norm = self.step(self.batches)
+        if self.ema is not None:
+            self.ema.update()
         if self.iter_num % cfg.log_interval == 0:  # reading the loss waits for the GPU: only here
             lossf, normf = distributed.all_sum([loss.item(), _full(grad_norm).item()], self.env, self.device)
             lossf, normf = lossf / self.env.world_size, normf / self.env.world_size
@@ -451,7 +461,11 @@ class Run:
 
     def save(self, log: RunLog | NullLog, name: str = CKPT_NAME) -> None:
         """Save everything that decides the next steps to out_dir/name (a collective: every rank calls it)."""
-        model_state, optimizer_state = get_state_dict(self.wrapped, self.step.optimizer, options=FULL_STATE)
+        with self.averaged():  # the model saved is the one evaluated (state_dict's tensors are views: copies)
+            model_state, optimizer_state = get_state_dict(
+                self.wrapped, self.step.optimizer, options=FULL_STATE
+            )
+            model_state = {k: v.clone() for k, v in model_state.items()} if self.ema else model_state
         rng = distributed.gather(rng_state(self.device), self.env)
         if self.env.master:
             ckpt = training_checkpoint(
@@ -468,9 +482,19 @@ class Run:
                 train_time=self.train_time,
                 elapsed_s=self.elapsed_s(),
             )
+            if self.ema is not None:
+                ckpt["ema"] = {
+                    "raw": self.ema.raw_state(),
+                    "updates": self.ema.updates,
+                    "decay": self.ema.decay,
+                }
             ckpt = lora_checkpoint(ckpt, self.raw_model)  # a LoRA run saves its adapters only
             log.message(f"saving checkpoint to {save_checkpoint(ckpt, self.cfg.out_dir, name)}")
         self.has_checkpoint = self.has_checkpoint or name == CKPT_NAME
+
+    def averaged(self) -> contextlib.AbstractContextManager:
+        """The model holds the weights' average inside the block, if the run keeps one (ema_decay)."""
+        return self.ema.applied() if self.ema is not None else contextlib.nullcontext()
 
     def result(self, stopped_by: str | None) -> dict[str, Any]:
         steps = self.iter_num - self.start_iter
