@@ -20,10 +20,10 @@ from torch import nn
 class WeightEMA:
     """The average of `model`'s trainable parameters (a LoRA run's adapters; all of them otherwise)."""
 
-    def __init__(self, model: nn.Module, decay: float, updates: int = 0):
+    def __init__(self, model: nn.Module, decay: float):
         self.named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
         self.params = [p for _, p in self.named]
-        self.decay, self.updates = decay, updates
+        self.decay, self.updates = decay, 0  # a resumed run sets updates from its checkpoint
         self.average = [p.detach().clone() for p in self.params]  # the weights as they are: update 0
 
     def current_decay(self) -> float:

@@ -403,10 +403,10 @@ class Run:
             losses = estimate_loss(
                 self.model, self.new_loader, self.cfg, self.block_size, self.device, self.autocast, self.env
             )
+            _check_finite(losses["val"] + losses["train"], self.iter_num, self.cfg.out_dir)
             record = {"iter": self.iter_num, "train_loss": losses["train"], "val_loss": losses["val"]}
             if self.task_evaluator is not None:  # rank 0 alone; the others wait at their next step
                 record |= self.task_evaluator(self.raw_model, self.device, self.dtype)
-        _check_finite(losses["val"] + losses["train"], self.iter_num, self.cfg.out_dir)
         self.last_eval = losses
         log.log_eval(record | {"elapsed_s": elapsed})  # wall seconds when this evaluation began
         if losses["val"] < self.best_val_loss or self.cfg.always_save_checkpoint:
